@@ -1,0 +1,202 @@
+"""The pure-PyTorch backend: both primitives over tiles of S = s * x @ y.T.
+
+S never exists whole. It is produced one (block_rows x block_cols) tile at a time,
+used, and dropped; backward recomputes the tiles instead of storing them. The tile
+sides are chosen from N, M, D and a memory budget (see `choose_tiles`) and can be
+forced with the `tiling` context manager. Runs on any device torch runs on; it is
+the reference the compiled backends are tested against.
+
+Precision: half inputs are upcast tile by tile and multiplied in fp32; fp32 inputs
+follow torch.get_float32_matmul_precision() because this is plain torch.matmul;
+fp64 inputs stay fp64 (gradcheck needs it).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Tile-sized buffers alive at once: S, the two exponentials of backward, and slack
+# for the temporaries of logsumexp in forward.
+TILE_BUFFERS = 4
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    block_rows: Optional[int] = None
+    block_cols: Optional[int] = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+
+_current_tiling: contextvars.ContextVar[Tiling] = contextvars.ContextVar(
+    "flashcl_tiling", default=Tiling()
+)
+
+
+@contextlib.contextmanager
+def tiling(
+    block_rows: Optional[int] = None,
+    block_cols: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Iterator[Tiling]:
+    """Override the torch backend's tile sides or memory budget (bytes) in a scope.
+
+    A loss captures the tiling when its forward runs and its backward uses the same,
+    so `backward()` may be called outside the `with` block.
+    """
+    for name, value in (("block_rows", block_rows), ("block_cols", block_cols),
+                        ("memory_budget", memory_budget)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"tiling: {name} must be a positive int or None, got {value!r}")
+    chosen = Tiling(block_rows, block_cols, memory_budget or DEFAULT_MEMORY_BUDGET)
+    token = _current_tiling.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _current_tiling.reset(token)
+
+
+def choose_tiles(n: int, m: int, d: int, itemsize: int, tiles: Tiling) -> Tuple[int, int]:
+    """Largest tile whose live buffers fit the budget: halve the longer free side until they do."""
+    rows = min(n, tiles.block_rows or n)
+    cols = min(m, tiles.block_cols or m)
+
+    def live_bytes(r: int, c: int) -> int:
+        return itemsize * (TILE_BUFFERS * r * c + (r + c) * d)
+
+    while live_bytes(rows, cols) > tiles.memory_budget:
+        rows_free = tiles.block_rows is None and rows > MIN_BLOCK
+        cols_free = tiles.block_cols is None and cols > MIN_BLOCK
+        if rows_free and (rows >= cols or not cols_free):
+            rows = (rows + 1) // 2
+        elif cols_free:
+            cols = (cols + 1) // 2
+        else:
+            break
+    return rows, cols
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every input dtype except fp64, which keeps fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(length: int, block: int) -> Iterator[slice]:
+    for start in range(0, length, block):
+        yield slice(start, min(start + block, length))
+
+
+def _diagonal_of_tile(tile: Tensor, rows: slice, cols: slice) -> Tensor:
+    """The entries of a tile that lie on the global diagonal i == j (may be empty)."""
+    return tile.diagonal(offset=rows.start - cols.start)
+
+
+def _exp_weights(logits, a, o, b, p, i: slice, j: slice) -> Tensor:
+    """The tile of G = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j), either term optional."""
+    weights = None
+    if a is not None:
+        weights = torch.sub(logits, o[i, None]).exp_().mul_(a[i, None])
+    if b is not None:
+        col_term = torch.sub(logits, p[None, j]).exp_()
+        weights = col_term.mul_(b[None, j]) if weights is None else weights.addcmul_(col_term, b[None, j])
+    return weights
+
+
+class TorchTiles:
+    """Primitives 1 and 2 of DESIGN.md in chunked PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, tiles: Optional[Tiling] = None):
+        self.tiles = tiles or _current_tiling.get()
+
+    def _tile_grid(self, x: Tensor, y: Tensor) -> Tuple[int, int]:
+        itemsize = torch.empty((), dtype=statistics_dtype(x.dtype)).element_size()
+        return choose_tiles(x.shape[0], y.shape[0], x.shape[1], itemsize, self.tiles)
+
+    def lse(
+        self,
+        x: Tensor,
+        y: Tensor,
+        scale: Tensor,
+        *,
+        rows: bool = True,
+        cols: bool = False,
+        exclude_diagonal: bool = False,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """r_i = log sum_j exp(S_ij) and/or c_j = log sum_i exp(S_ij), from one product per tile."""
+        dtype = statistics_dtype(x.dtype)
+        n, m = x.shape[0], y.shape[0]
+        block_rows, block_cols = self._tile_grid(x, y)
+        s = scale.to(dtype)
+        row_lse = torch.full((n,), -torch.inf, dtype=dtype, device=x.device) if rows else None
+        col_lse = torch.full((m,), -torch.inf, dtype=dtype, device=x.device) if cols else None
+        for i in _blocks(n, block_rows):
+            x_scaled = x[i].to(dtype) * s
+            for j in _blocks(m, block_cols):
+                logits = x_scaled @ y[j].to(dtype).T
+                if exclude_diagonal:
+                    _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
+                if rows:
+                    row_lse[i] = torch.logaddexp(row_lse[i], torch.logsumexp(logits, dim=1))
+                if cols:
+                    col_lse[j] = torch.logaddexp(col_lse[j], torch.logsumexp(logits, dim=0))
+        return row_lse, col_lse
+
+    def exp_weighted_grad(
+        self,
+        x: Tensor,
+        y: Tensor,
+        scale: Tensor,
+        *,
+        a: Optional[Tensor] = None,
+        o: Optional[Tensor] = None,
+        b: Optional[Tensor] = None,
+        p: Optional[Tensor] = None,
+        positives: Optional[Tuple[Tensor, Tensor]] = None,
+        exclude_diagonal: bool = False,
+        need_dx: bool = True,
+        need_dy: bool = True,
+        need_ds: bool = False,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """dx = s G y, dy = s G^T x, ds = sum_ij G_ij (x_i . y_j), with
+        G_ij = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j) [+ c_i at j = t_i for positives=(t, c)].
+        """
+        dtype = statistics_dtype(x.dtype)
+        n, m = x.shape[0], y.shape[0]
+        block_rows, block_cols = self._tile_grid(x, y)
+        s = scale.to(dtype)
+        # Unscaled accumulators G @ y and G^T @ x; ds = x . (G y) needs the former.
+        gy = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
+        gtx = torch.zeros(m, y.shape[1], dtype=dtype, device=x.device) if need_dy else None
+        if a is not None or b is not None:
+            for i in _blocks(n, block_rows):
+                x_block = x[i].to(dtype)
+                x_scaled = x_block * s
+                for j in _blocks(m, block_cols):
+                    y_block = y[j].to(dtype)
+                    logits = x_scaled @ y_block.T
+                    if exclude_diagonal:
+                        _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
+                    weights = _exp_weights(logits, a, o, b, p, i, j)
+                    if gy is not None:
+                        gy[i].addmm_(weights, y_block)
+                    if gtx is not None:
+                        gtx[j].addmm_(weights.T, x_block)
+        if positives is not None:
+            targets, coeff = positives
+            coeff = coeff.to(dtype)[:, None]
+            if gy is not None:
+                gy.add_(coeff * y[targets].to(dtype))
+            if gtx is not None:
+                gtx.index_add_(0, targets, coeff * x.to(dtype))
+        ds = torch.sum(gy * x.to(dtype)) if need_ds else None
+        dx = (gy * s).to(x.dtype) if need_dx else None
+        dy = (gtx * s).to(y.dtype) if need_dy else None
+        return dx, dy, ds

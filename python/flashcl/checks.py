@@ -1,0 +1,103 @@
+"""Argument validation for the public losses: every message names the argument and what was expected.
+
+Runs before any kernel, so bad input is an exception here and never a wrong number or
+a crash deep in a backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_features(name: str, features: Tensor) -> Tensor:
+    """A 2-D (batch, dim) floating tensor with at least one row and one column."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(features.shape)}")
+    if features.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name} must have dtype {names}; got {features.dtype}")
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(features.shape)}); need at least one row")
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} has feature dimension 0 (shape {tuple(features.shape)}); need dim >= 1")
+    return features
+
+
+def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool = False) -> None:
+    """Two feature matrices that can be multiplied: same dim, dtype and device (and rows if asked)."""
+    check_features(name_a, a)
+    check_features(name_b, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} must have the same feature dimension, "
+                         f"got {a.shape[1]} and {b.shape[1]}")
+    if same_rows and a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} must have the same number of rows, "
+                         f"got {a.shape[0]} and {b.shape[0]}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def as_scale(name: str, scale: Union[float, Tensor], like: Tensor) -> Tensor:
+    """A finite positive scalar as a 0-d tensor on `like`'s device in the statistics dtype.
+
+    A tensor keeps its autograd graph (a learnable logit scale gets its exact gradient);
+    a 0-d CPU tensor is accepted with features on any device, as torch ops accept it.
+    """
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+        if scale.device != like.device and scale.device.type != "cpu":
+            raise ValueError(f"{name} is on {scale.device} but the features are on {like.device}")
+        value = float(scale.detach())
+        scale_tensor = scale.reshape(()).to(device=like.device, dtype=dtype)
+    elif isinstance(scale, (float, int)) and not isinstance(scale, bool):
+        value = float(scale)
+        scale_tensor = torch.tensor(value, device=like.device, dtype=dtype)
+    else:
+        raise TypeError(f"{name} must be a Python float or a 0-d tensor, got {type(scale).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return scale_tensor
+
+
+def check_targets(targets: Optional[Tensor], n: int, m: int, like: Tensor) -> Tensor:
+    """int64 indices of each query's positive key, shape (n,), values in [0, m).
+
+    None means the i-th key is the positive of the i-th query, which needs m >= n.
+    """
+    if targets is None:
+        if m < n:
+            raise ValueError(f"targets=None pairs query i with key i, so keys needs at least as many rows "
+                             f"as queries ({n}), got {m}; pass targets explicitly")
+        return torch.arange(n, device=like.device)
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be an integer tensor of shape ({n},), got {type(targets).__name__}")
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor (e.g. torch.long), got {targets.dtype}")
+    if targets.shape != (n,):
+        raise ValueError(f"targets must have shape ({n},) (one index per query), got {tuple(targets.shape)}")
+    if targets.device != like.device:
+        raise ValueError(f"targets is on {targets.device} but queries are on {like.device}")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= m:
+        raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")
+    return targets.long()

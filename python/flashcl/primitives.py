@@ -1,0 +1,74 @@
+"""The two primitives of DESIGN.md, and the one place that picks which backend computes them.
+
+Every loss is assembled from
+
+1. `lse(x, y, scale, rows, cols, exclude_diagonal)`: the row and/or column
+   log-sum-exp of S = scale * x @ y.T, in the statistics dtype (fp32; fp64 for fp64 inputs);
+2. `exp_weighted_grad(x, y, scale, a, o, b, p, positives, exclude_diagonal, need_*)`:
+   with G_ij = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j) + c_i [j == t_i] for
+   positives = (t, c), it returns dx = s G y and dy = s G^T x in the input dtypes
+   and ds = sum_ij G_ij (x_i . y_j) in the statistics dtype. Any of a, b, positives
+   may be None; the sparse positive term lets a backend round dx and dy only once.
+
+Backends take arguments that `checks` has already validated and never see a loss.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .backends.torch_tiles import TorchTiles
+
+ENV_VAR = "FLASHCL_BACKEND"
+
+
+class Backend(Protocol):
+    name: str
+
+    def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool, cols: bool,
+            exclude_diagonal: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]: ...
+
+    def exp_weighted_grad(self, x: Tensor, y: Tensor, scale: Tensor, *, a: Optional[Tensor],
+                          o: Optional[Tensor], b: Optional[Tensor], p: Optional[Tensor],
+                          positives: Optional[Tuple[Tensor, Tensor]], exclude_diagonal: bool,
+                          need_dx: bool, need_dy: bool, need_ds: bool
+                          ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
+
+
+def _torch_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return None
+
+
+# name -> (why it cannot run on this device/dtype, or None; factory). `auto` tries them in order.
+_BACKENDS: Dict[str, Tuple[Callable[[torch.device, torch.dtype], Optional[str]], Callable[[], Backend]]] = {
+    "torch": (_torch_unavailable, TorchTiles),
+}
+
+
+def available_backends(device: Union[str, torch.device] = "cpu",
+                       dtype: torch.dtype = torch.float32) -> List[str]:
+    """The backends that can compute the primitives for tensors of this device and dtype."""
+    device = torch.device(device)
+    return [name for name, (why_not, _) in _BACKENDS.items() if why_not(device, dtype) is None]
+
+
+def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
+    """The backend for one loss call: `backend` if given, else $FLASHCL_BACKEND, else 'auto'."""
+    source = "backend" if backend is not None else ENV_VAR
+    name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
+    here = available_backends(like.device, like.dtype)
+    if name == "auto":
+        return _BACKENDS[here[0]][1]()
+    if name not in _BACKENDS:
+        choices = ", ".join(repr(n) for n in ("auto", *_BACKENDS))
+        raise ValueError(f"{source}={name!r} is not a flashcl backend; choose from {choices}")
+    why_not = _BACKENDS[name][0](like.device, like.dtype)
+    if why_not is not None:
+        raise RuntimeError(
+            f"{source}={name!r} cannot run on {like.device.type} {like.dtype} tensors: {why_not}. "
+            f"Available for these tensors: {', '.join(here)}"
+        )
+    return _BACKENDS[name][1]()

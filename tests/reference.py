@@ -1,0 +1,54 @@
+"""Textbook losses that materialize S, used as the float64 ground truth of every test."""
+import torch
+import torch.nn.functional as F
+
+
+def logits(x, y, scale):
+    return scale * x @ y.T
+
+
+def infonce(queries, keys, scale, targets=None, reduction="mean"):
+    if targets is None:
+        targets = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(logits(queries, keys, scale), targets, reduction=reduction)
+
+
+def clip(image, text, scale, reduction="mean"):
+    s = logits(image, text, scale)
+    labels = torch.arange(image.shape[0], device=image.device)
+    per_pair = 0.5 * (F.cross_entropy(s, labels, reduction="none") + F.cross_entropy(s.T, labels, reduction="none"))
+    return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[reduction]()
+
+
+def nt_xent(z1, z2, scale, reduction="mean"):
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    s = logits(z, z, scale)
+    s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.arange(2 * n, device=z.device).roll(n)
+    return F.cross_entropy(s, targets, reduction=reduction)
+
+
+def lse(x, y, scale, exclude_diagonal=False):
+    """Row and column log-sum-exp of the materialized S."""
+    s = logits(x, y, scale)
+    if exclude_diagonal:
+        s = s.masked_fill(torch.eye(*s.shape, dtype=torch.bool, device=s.device), float("-inf"))
+    return s.logsumexp(1), s.logsumexp(0)
+
+
+def exp_weighted_grad(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exclude_diagonal=False):
+    """dx, dy, ds of primitive 2 from the materialized G."""
+    x, y, scale = x.double(), y.double(), scale.double()
+    s = logits(x, y, scale)
+    g = torch.zeros_like(s)
+    if a is not None:
+        g += a.double()[:, None] * torch.exp(s - o.double()[:, None])
+    if b is not None:
+        g += b.double()[None, :] * torch.exp(s - p.double()[None, :])
+    if exclude_diagonal:
+        g.fill_diagonal_(0)
+    if positives is not None:
+        targets, coeff = positives
+        g[torch.arange(x.shape[0]), targets] += coeff.double()
+    return scale * g @ y, scale * g.T @ x, (g * (x @ y.T)).sum()
