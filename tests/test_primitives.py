@@ -1,0 +1,150 @@
+"""The two primitives of DESIGN.md, on every backend available here, against the materialized reference."""
+import pytest
+import torch
+
+import flashcl
+import reference
+from conftest import assert_close, unit_rows
+from flashcl.backends.torch_tiles import MIN_BLOCK, TILE_BUFFERS, Tiling, choose_tiles
+from flashcl.primitives import resolve_backend
+
+BACKENDS = flashcl.available_backends("cpu")
+SHAPES = [(1, 1, 1), (1, 9, 5), (7, 7, 3), (33, 130, 48), (130, 33, 100), (200, 200, 17)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+TILINGS = [dict(), dict(block_rows=16, block_cols=16), dict(block_rows=7, block_cols=50)]
+
+
+def inputs(n, m, d, dtype, generator, scale=10.0):
+    x = unit_rows(n, d, generator, dtype)
+    y = unit_rows(m, d, generator, dtype)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    return x, y, torch.tensor(scale, dtype=stats)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tiles", TILINGS, ids=str)
+def test_lse(backend, n, m, d, dtype, tiles, generator):
+    for scale in (1.0, 100.0):
+        x, y, s = inputs(n, m, d, dtype, generator, scale)
+        with flashcl.tiling(**tiles):
+            impl = resolve_backend(backend, x)
+        ref_rows, ref_cols = reference.lse(x.double(), y.double(), s.double())
+        rows, cols = impl.lse(x, y, s, rows=True, cols=True, exclude_diagonal=False)
+        assert rows.dtype == cols.dtype == s.dtype
+        assert_close(rows, ref_rows, dtype, "row lse", magnitude=scale)
+        assert_close(cols, ref_cols, dtype, "col lse", magnitude=scale)
+        only_rows, none_cols = impl.lse(x, y, s, rows=True, cols=False, exclude_diagonal=False)
+        none_rows, only_cols = impl.lse(x, y, s, rows=False, cols=True, exclude_diagonal=False)
+        assert none_cols is None and none_rows is None
+        assert torch.equal(only_rows, rows) and torch.equal(only_cols, cols)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d", [(2, 3), (33, 48), (130, 7)])
+@pytest.mark.parametrize("tiles", TILINGS, ids=str)
+def test_lse_excluding_diagonal(backend, n, d, tiles, generator):
+    x, _, s = inputs(n, n, d, torch.float32, generator)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x)
+    ref_rows, ref_cols = reference.lse(x.double(), x.double(), s.double(), exclude_diagonal=True)
+    rows, cols = impl.lse(x, x, s, rows=True, cols=True, exclude_diagonal=True)
+    assert_close(rows, ref_rows, torch.float32, "row lse", magnitude=10.0)
+    assert_close(cols, ref_cols, torch.float32, "col lse", magnitude=10.0)
+
+
+def grad_inputs(n, m, dtype, x, y, s, generator, exclude_diagonal=False):
+    """Signed weights and offsets that keep exponents bounded, as the losses and the gamma loss pass them."""
+    rows, cols = reference.lse(x.double(), y.double(), s.double(), exclude_diagonal)
+    stats = s.dtype
+    a = torch.randn(n, generator=generator, dtype=torch.float64).to(stats)
+    b = torch.randn(m, generator=generator, dtype=torch.float64).to(stats)
+    # A gamma-weight offset log M - log u_i sits within a few units of the LSE.
+    o = (rows + torch.rand(n, generator=generator, dtype=torch.float64) * 3).to(stats)
+    p = (cols - torch.rand(m, generator=generator, dtype=torch.float64)).to(stats)
+    targets = torch.randint(0, m, (n,), generator=generator)
+    c = torch.randn(n, generator=generator, dtype=torch.float64).to(stats)
+    return a, o, b, p, (targets, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tiles", TILINGS, ids=str)
+def test_exp_weighted_grad(backend, n, m, d, dtype, tiles, generator):
+    x, y, s = inputs(n, m, d, dtype, generator)
+    a, o, b, p, positives = grad_inputs(n, m, dtype, x, y, s, generator)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x)
+    for terms in (dict(a=a, o=o), dict(b=b, p=p), dict(a=a, o=o, b=b, p=p, positives=positives),
+                  dict(positives=positives)):
+        ref = reference.exp_weighted_grad(x, y, s, **terms)
+        dx, dy, ds = impl.exp_weighted_grad(x, y, s, **terms, exclude_diagonal=False,
+                                            need_dx=True, need_dy=True, need_ds=True)
+        assert dx.dtype == x.dtype and dy.dtype == y.dtype and ds.dtype == s.dtype
+        # Offsets sit up to 3 below the LSE, so the weights may reach e^3 times |a|.
+        bound = 2 * 20 * float(s) * (a.abs().max() + b.abs().max() + positives[1].abs().max()).item()
+        assert_close(dx, ref[0], dtype, f"dx {sorted(terms)}", magnitude=bound)
+        assert_close(dy, ref[1], dtype, f"dy {sorted(terms)}", magnitude=bound)
+        assert_close(ds, ref[2], dtype, f"ds {sorted(terms)}", magnitude=bound * max(n, m) / float(s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tiles", TILINGS, ids=str)
+def test_exp_weighted_grad_excluding_diagonal(backend, tiles, generator):
+    n, d = 70, 12
+    x, _, s = inputs(n, n, d, torch.float32, generator)
+    a, o, b, p, positives = grad_inputs(n, n, torch.float32, x, x, s, generator, exclude_diagonal=True)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x)
+    ref = reference.exp_weighted_grad(x, x, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True)
+    got = impl.exp_weighted_grad(x, x, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True,
+                                 need_dx=True, need_dy=True, need_ds=True)
+    for name, g, r in zip(("dx", "dy", "ds"), got, ref):
+        assert_close(g, r, torch.float32, name, magnitude=1e3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exp_weighted_grad_skips_what_is_not_needed(backend, generator):
+    x, y, s = inputs(20, 30, 8, torch.float32, generator)
+    a, o, *_ = grad_inputs(20, 30, torch.float32, x, y, s, generator)
+    impl = resolve_backend(backend, x)
+    full = impl.exp_weighted_grad(x, y, s, a=a, o=o, need_dx=True, need_dy=True, need_ds=True)
+    for need in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
+        got = impl.exp_weighted_grad(x, y, s, a=a, o=o, need_dx=need[0], need_dy=need[1], need_ds=need[2])
+        for wanted, g, f in zip(need, got, full):
+            assert (g is None) != wanted
+            if wanted:
+                torch.testing.assert_close(g, f)
+
+
+@pytest.mark.parametrize("n,m,d", [(10, 10, 4), (16384, 16384, 256), (128, 10**6, 768), (10**6, 7, 3000)])
+@pytest.mark.parametrize("budget", [2**16, 2**22, 2**26])
+def test_choose_tiles_fits_the_budget(n, m, d, budget):
+    rows, cols = choose_tiles(n, m, d, 4, Tiling(memory_budget=budget))
+    assert 1 <= rows <= n and 1 <= cols <= m
+    live = 4 * (TILE_BUFFERS * rows * cols + (rows + cols) * d)
+    at_floor = rows <= MIN_BLOCK and cols <= MIN_BLOCK
+    assert live <= budget or at_floor
+    # Largest such tile: doubling the shorter free side would not fit.
+    if rows < n and cols < m and not at_floor:
+        assert 4 * (TILE_BUFFERS * rows * 2 * cols + (rows + 2 * cols) * d) > budget or \
+               4 * (TILE_BUFFERS * 2 * rows * cols + (2 * rows + cols) * d) > budget
+
+
+def test_choose_tiles_keeps_forced_sides():
+    assert choose_tiles(1000, 1000, 64, 4, Tiling(block_rows=10)) == (10, 1000)
+    assert choose_tiles(1000, 1000, 64, 4, Tiling(block_rows=10, block_cols=3000)) == (10, 1000)
+    rows, cols = choose_tiles(10**5, 10**5, 64, 4, Tiling(block_cols=500))
+    assert cols == 500 and rows < 10**5
+
+
+def test_tiling_scope_is_captured_by_forward(generator):
+    """backward() outside the `with` block still uses the tiles forward ran with."""
+    x, y, _ = inputs(64, 64, 8, torch.float32, generator)
+    x.requires_grad_()
+    with flashcl.tiling(block_rows=16, block_cols=16):
+        loss = flashcl.clip_loss(x, y, 5.0)
+    assert loss.grad_fn.backend.tiles == Tiling(16, 16)
+    loss.backward()
