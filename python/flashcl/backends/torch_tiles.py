@@ -23,7 +23,7 @@ from torch import Tensor
 # Tile-sized buffers alive at once: S, the two exponentials of backward, and slack
 # for the temporaries of logsumexp in forward.
 TILE_BUFFERS = 4
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+DEFAULT_MEMORY_BUDGET = 32 * 2**20
 MIN_BLOCK = 16
 
 
@@ -193,10 +193,10 @@ class TorchTiles:
             targets, coeff = positives
             coeff = coeff.to(dtype)[:, None]
             if gy is not None:
-                gy.add_(coeff * y[targets].to(dtype))
+                gy.addcmul_(y[targets].to(dtype), coeff)
             if gtx is not None:
-                gtx.index_add_(0, targets, coeff * x.to(dtype))
+                gtx.index_add_(0, targets, x.to(dtype) * coeff)
         ds = torch.sum(gy * x.to(dtype)) if need_ds else None
-        dx = (gy * s).to(x.dtype) if need_dx else None
-        dy = (gtx * s).to(y.dtype) if need_dy else None
+        dx = gy.mul_(s).to(x.dtype) if need_dx else None
+        dy = gtx.mul_(s).to(y.dtype) if need_dy else None
         return dx, dy, ds
