@@ -175,9 +175,10 @@ class TorchTiles:
         # Unscaled accumulators G @ y and G^T @ x; ds = x . (G y) needs the former.
         gy = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
         gtx = torch.zeros(m, y.shape[1], dtype=dtype, device=x.device) if need_dy else None
-        if a is not None or b is not None:
-            for i in _blocks(n, block_rows):
-                x_block = x[i].to(dtype)
+        ds = torch.zeros((), dtype=dtype, device=x.device) if need_ds else None
+        for i in _blocks(n, block_rows):
+            x_block = x[i].to(dtype)
+            if a is not None or b is not None:
                 x_scaled = x_block * s
                 for j in _blocks(m, block_cols):
                     y_block = y[j].to(dtype)
@@ -189,14 +190,15 @@ class TorchTiles:
                         gy[i].addmm_(weights, y_block)
                     if gtx is not None:
                         gtx[j].addmm_(weights.T, x_block)
-        if positives is not None:
-            targets, coeff = positives
-            coeff = coeff.to(dtype)[:, None]
-            if gy is not None:
-                gy.addcmul_(y[targets].to(dtype), coeff)
-            if gtx is not None:
-                gtx.index_add_(0, targets, x.to(dtype) * coeff)
-        ds = torch.sum(gy * x.to(dtype)) if need_ds else None
+            # The sparse positive term and ds, a row block at a time: no N x D temporaries.
+            if positives is not None:
+                targets, coeff = positives[0][i], positives[1][i, None].to(dtype)
+                if gy is not None:
+                    gy[i].addcmul_(y[targets].to(dtype), coeff)
+                if gtx is not None:
+                    gtx.index_add_(0, targets, x_block * coeff)
+            if need_ds:
+                ds += torch.sum(gy[i] * x_block)
         dx = gy.mul_(s).to(x.dtype) if need_dx else None
         dy = gtx.mul_(s).to(y.dtype) if need_dy else None
         return dx, dy, ds
