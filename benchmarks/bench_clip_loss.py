@@ -15,6 +15,7 @@ Writes <out>.json (every measurement plus the machine), <out>.png (log-log plot)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -41,6 +42,12 @@ def clip_loss_textbook(image, text, logit_scale):
 
 
 def current_rss() -> int:
+    """Resident bytes now, after handing freed heap back to the OS: memory freed earlier
+    would otherwise be reused silently and hide part of the next allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
