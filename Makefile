@@ -20,7 +20,7 @@ bench: $(VENV)/.flashcl
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib
+	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib triton==3.7.1
 	# open_clip is the peer the tests compare with; its dependencies would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@

@@ -1,8 +1,14 @@
 import os
 
+# Triton kernels run on CPU tensors through Triton's interpreter; this must be set before
+# any @triton.jit function is defined (flashcl imports its kernels lazily, on first use).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+import flashcl
 
 # Per-dtype tolerances against a float64 reference (DESIGN.md, "Precision").
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -27,9 +33,60 @@ def assert_close(actual, expected, dtype, what="", magnitude=0.0):
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+# "one tile": the default budget covers the test sizes; "tiles": ragged small tiles force
+# every combine path of the torch backend (rows and columns split, partial last tiles).
+TILINGS = {"one tile": {}, "tiles": dict(block_rows=16, block_cols=48)}
+
+
+def check_against_reference(loss_fn, ref_fn, features, scale, dtype, reduction, tiles="one tile",
+                            backend=None, **kwargs):
+    """Compare loss and all gradients with autograd through the float64 reference.
+
+    Features are unit-norm, so |S_ij| <= scale and every softmax row sums to 1. A loss is
+    then a difference of terms of size ~scale per anchor, d l_i / d x a difference of terms
+    of size ~scale * w_i and d l_i / d scale of size ~w_i, with w_i the weight the
+    reduction and the upstream gradient give anchor i: these set the tolerances' scale.
+    """
+    features = [f.to(dtype).requires_grad_() for f in features]
+    scale_t = torch.tensor(float(scale), dtype=torch.promote_types(dtype, torch.float32), requires_grad=True)
+    with flashcl.tiling(**TILINGS[tiles]):
+        loss = loss_fn(*features, scale_t, reduction=reduction, backend=backend, **kwargs)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
+    grads = torch.autograd.grad(loss, [*features, scale_t], upstream)
+
+    ref_features = [f.detach().double().requires_grad_() for f in features]
+    ref_scale = scale_t.detach().double().requires_grad_()
+    ref_loss = ref_fn(*ref_features, ref_scale, reduction=reduction, **kwargs)
+    ref_grads = torch.autograd.grad(ref_loss, [*ref_features, ref_scale], upstream.double())
+
+    anchors = ref_fn(*ref_features, ref_scale, reduction="none", **kwargs).numel()
+    weights = upstream.abs().expand(anchors) / (anchors if reduction == "mean" else 1)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, dtype, "loss", magnitude=scale * (anchors if reduction == "sum" else 1))
+    for i, (g, ref) in enumerate(zip(grads[:-1], ref_grads[:-1])):
+        assert g.dtype == dtype and g.shape == features[i].shape
+        assert_close(g, ref, dtype, f"grad of input {i}", magnitude=2 * scale * weights.max().item())
+    assert_close(grads[-1], ref_grads[-1], dtype, "grad of scale", magnitude=2 * weights.sum().item())
+
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+def backend_cases(dtypes, tilings=({},)):
+    """(backend, dtype, tiling) triples for every backend available on CPU here. Tilings only
+    mean something to the torch backend; the Triton kernels take no fp64."""
+    cases = []
+    for backend in flashcl.available_backends("cpu"):
+        for dtype in dtypes:
+            if backend not in flashcl.available_backends("cpu", dtype):
+                continue
+            for tiles in (tilings if backend == "torch" else ({},)):
+                cases.append(pytest.param(backend, dtype, tiles, id=f"{backend}-{str(dtype)[6:]}-{tiles or 'auto'}"))
+    return cases
 
 
 def require_peer(name):

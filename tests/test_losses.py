@@ -4,44 +4,9 @@ import torch
 
 import flashcl
 import reference
-from conftest import assert_close, unit_rows
+from conftest import TILINGS, assert_close, check_against_reference, unit_rows
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-HALF = (torch.float16, torch.bfloat16)
-# "one tile": the default budget covers these sizes; "tiles": ragged small tiles force
-# every combine path (rows and columns split, partial last tiles).
-TILINGS = {"one tile": {}, "tiles": dict(block_rows=16, block_cols=48)}
-
-
-def check_against_reference(loss_fn, ref_fn, features, scale, dtype, reduction, tiles, **kwargs):
-    """Compare loss and all gradients with autograd through the float64 reference.
-
-    Features are unit-norm, so |S_ij| <= scale and every softmax row sums to 1. A loss is
-    then a difference of terms of size ~scale per anchor, d l_i / d x a difference of terms
-    of size ~scale * w_i and d l_i / d scale of size ~w_i, with w_i the weight the
-    reduction and the upstream gradient give anchor i: these set the tolerances' scale.
-    """
-    features = [f.to(dtype).requires_grad_() for f in features]
-    scale_t = torch.tensor(float(scale), dtype=torch.promote_types(dtype, torch.float32), requires_grad=True)
-    with flashcl.tiling(**TILINGS[tiles]):
-        loss = loss_fn(*features, scale_t, reduction=reduction, **kwargs)
-    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
-    grads = torch.autograd.grad(loss, [*features, scale_t], upstream)
-
-    ref_features = [f.detach().double().requires_grad_() for f in features]
-    ref_scale = scale_t.detach().double().requires_grad_()
-    ref_loss = ref_fn(*ref_features, ref_scale, reduction=reduction, **kwargs)
-    ref_grads = torch.autograd.grad(ref_loss, [*ref_features, ref_scale], upstream.double())
-
-    anchors = ref_fn(*ref_features, ref_scale, reduction="none", **kwargs).numel()
-    weights = upstream.abs().expand(anchors) / (anchors if reduction == "mean" else 1)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert loss.shape == ref_loss.shape
-    assert_close(loss, ref_loss, dtype, "loss", magnitude=scale * (anchors if reduction == "sum" else 1))
-    for i, (g, ref) in enumerate(zip(grads[:-1], ref_grads[:-1])):
-        assert g.dtype == dtype and g.shape == features[i].shape
-        assert_close(g, ref, dtype, f"grad of input {i}", magnitude=2 * scale * weights.max().item())
-    assert_close(grads[-1], ref_grads[-1], dtype, "grad of scale", magnitude=2 * weights.sum().item())
 
 
 INFONCE_SHAPES = [(1, 1, 1), (1, 7, 64), (7, 7, 3), (7, 129, 64), (64, 1000, 129), (129, 129, 1000),

@@ -14,12 +14,14 @@ Backends take arguments that `checks` has already validated and never see a loss
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .backends import triton as triton_backend
 from .backends.torch_tiles import TorchTiles
 
 ENV_VAR = "FLASHCL_BACKEND"
@@ -38,13 +40,23 @@ class Backend(Protocol):
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
 
 
-def _torch_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    return None
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    unavailable: Callable[[torch.device, torch.dtype], Optional[str]]  # why not, or None
+    make: Callable[[], Backend]
+    automatic: Callable[[torch.device], bool]  # may 'auto' pick it for tensors on this device
 
 
-# name -> (why it cannot run on this device/dtype, or None; factory). `auto` tries them in order.
-_BACKENDS: Dict[str, Tuple[Callable[[torch.device, torch.dtype], Optional[str]], Callable[[], Backend]]] = {
-    "torch": (_torch_unavailable, TorchTiles),
+def _make_triton() -> Backend:
+    from .backends.triton import TritonTiles
+    return TritonTiles()
+
+
+# In order of preference for `auto`: the first available and automatic entry wins.
+_BACKENDS: Dict[str, _Entry] = {
+    # The interpreter also runs Triton on CPU tensors, but far too slowly to be chosen unasked.
+    "triton": _Entry(triton_backend.unavailable_reason, _make_triton, lambda device: device.type == "cuda"),
+    "torch": _Entry(lambda device, dtype: None, TorchTiles, lambda device: True),
 }
 
 
@@ -52,23 +64,24 @@ def available_backends(device: Union[str, torch.device] = "cpu",
                        dtype: torch.dtype = torch.float32) -> List[str]:
     """The backends that can compute the primitives for tensors of this device and dtype."""
     device = torch.device(device)
-    return [name for name, (why_not, _) in _BACKENDS.items() if why_not(device, dtype) is None]
+    return [name for name, entry in _BACKENDS.items() if entry.unavailable(device, dtype) is None]
 
 
 def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
     """The backend for one loss call: `backend` if given, else $FLASHCL_BACKEND, else 'auto'."""
     source = "backend" if backend is not None else ENV_VAR
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
-    here = available_backends(like.device, like.dtype)
     if name == "auto":
-        return _BACKENDS[here[0]][1]()
+        return next(entry.make() for entry in _BACKENDS.values()
+                    if entry.automatic(like.device) and entry.unavailable(like.device, like.dtype) is None)
     if name not in _BACKENDS:
         choices = ", ".join(repr(n) for n in ("auto", *_BACKENDS))
         raise ValueError(f"{source}={name!r} is not a flashcl backend; choose from {choices}")
-    why_not = _BACKENDS[name][0](like.device, like.dtype)
+    why_not = _BACKENDS[name].unavailable(like.device, like.dtype)
     if why_not is not None:
+        here = ", ".join(available_backends(like.device, like.dtype))
         raise RuntimeError(
             f"{source}={name!r} cannot run on {like.device.type} {like.dtype} tensors: {why_not}. "
-            f"Available for these tensors: {', '.join(here)}"
+            f"Available for these tensors: {here}"
         )
-    return _BACKENDS[name][1]()
+    return _BACKENDS[name].make()

@@ -1,0 +1,1 @@
+"""Triton kernels of the two primitives; imported lazily by flashcl.backends.triton."""

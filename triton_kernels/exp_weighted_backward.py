@@ -1,0 +1,126 @@
+"""Primitive 2 in Triton: G @ b for the exp-weighted G of DESIGN.md, S recomputed tile by tile.
+
+    G_rc = w_r exp(S_rc - off_r) + v_c exp(S_rc - q_c) + k  where the positive (r, c) pair has coefficient k
+
+with S = s * a @ b.T. One program owns BLOCK_R rows; it sweeps all column blocks,
+recomputes the S tile over D, forms the G tile and adds G_tile @ b[cols] into its own
+rows of an fp32 output, one BLOCK_D slice at a time (D may be any size, so the row
+accumulator lives in the output, not in registers). No two programs write the same
+row, so there are no atomics and the result is bit-identical run to run.
+
+dx = s * (G @ y) is this kernel on (x, y); dy = s * (G.T @ x) is the same kernel on (y, x)
+with the row and column terms swapped, so each gradient costs one recompute of S.
+Rows are processed in chunks so the fp32 output stays within a memory budget.
+"""
+from typing import Iterator, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import INTERPRET, backward_configs, dot_precision
+from .lse_forward import scaled_logit_tile
+
+NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
+
+
+@triton.jit
+def _exp_weighted_matmul_kernel(
+    a_ptr, b_ptr, out_ptr, scale_ptr,
+    row_w_ptr, row_off_ptr, col_w_ptr, col_off_ptr, pos_index_ptr, pos_coeff_ptr,
+    row_start, row_end, n_cols, dim,
+    stride_ar, stride_ad, stride_bc, stride_bd, stride_or,
+    HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, POSITIVES: tl.constexpr,
+    EXCLUDE_DIAGONAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_R).to(tl.int64) + row_start + pid * BLOCK_R
+    row_ok = rows < row_end
+    scale = tl.load(scale_ptr)
+    if HAS_ROW_TERM:
+        row_w = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)
+        row_off = tl.load(row_off_ptr + rows, mask=row_ok, other=0.0)
+    if POSITIVES == 1:  # row r's positive is column pos_index[r]
+        row_target = tl.load(pos_index_ptr + rows, mask=row_ok, other=-1)
+        row_coeff = tl.load(pos_coeff_ptr + rows, mask=row_ok, other=0.0)
+
+    for col_block in range(0, tl.cdiv(n_cols, BLOCK_C)):
+        cols = tl.arange(0, BLOCK_C).to(tl.int64) + col_block * BLOCK_C
+        col_ok = cols < n_cols
+        s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, row_end, n_cols, dim, stride_ar, stride_ad,
+                              stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
+        g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if HAS_ROW_TERM:
+            g += row_w[:, None] * tl.exp(s - row_off[:, None])
+        if HAS_COL_TERM:
+            col_w = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0)
+            col_off = tl.load(col_off_ptr + cols, mask=col_ok, other=0.0)
+            g += col_w[None, :] * tl.exp(s - col_off[None, :])
+        keep = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_DIAGONAL:
+            keep = keep & (rows[:, None] != cols[None, :])
+        g = tl.where(keep, g, 0.0)  # where, not a product: an excluded exp may be inf
+        if POSITIVES == 1:
+            g += tl.where(row_target[:, None] == cols[None, :], row_coeff[:, None], 0.0)
+        if POSITIVES == 2:  # column c's positive is row pos_index[c]
+            col_target = tl.load(pos_index_ptr + cols, mask=col_ok, other=-1)
+            col_coeff = tl.load(pos_coeff_ptr + cols, mask=col_ok, other=0.0)
+            g += tl.where(col_target[None, :] == rows[:, None], col_coeff[None, :], 0.0)
+
+        if not UPCAST:
+            g = g.to(b_ptr.dtype.element_ty)  # tensor-core product, fp32 accumulation
+        for d0 in range(0, dim, BLOCK_D):
+            ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
+            d_ok = ds < dim
+            b = tl.load(b_ptr + cols[:, None] * stride_bc + ds[None, :] * stride_bd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            out_ptrs = out_ptr + (rows - row_start)[:, None] * stride_or + ds[None, :]
+            out_ok = row_ok[:, None] & d_ok[None, :]
+            partial = tl.dot(g, b, input_precision=PRECISION)
+            tl.store(out_ptrs, tl.load(out_ptrs, mask=out_ok, other=0.0) + partial, mask=out_ok)
+
+
+_exp_weighted_matmul_tuned = triton.autotune(
+    configs=backward_configs(), key=["dim"], reset_to_zero=["out_ptr"],
+)(_exp_weighted_matmul_kernel)
+
+
+def exp_weighted_products(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    row_term: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    col_term: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    positives: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    positives_by: int,
+    exclude_diagonal: bool,
+    scratch_bytes: int,
+) -> Iterator[Tuple[slice, torch.Tensor]]:
+    """Yields (rows, G[rows] @ b) in fp32, a chunk of rows at a time within `scratch_bytes`.
+
+    row_term = (w, off) over a's rows, col_term = (v, q) over b's rows; positives = (index, coeff)
+    indexed by a's rows (POSITIVES_BY_ROW) or by b's rows (POSITIVES_BY_COLUMN).
+    """
+    n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
+    chunk = max(128, scratch_bytes // (4 * dim))
+    unused = scale  # any tensor stands in for an absent term's pointers
+    w, off = row_term if row_term is not None else (unused, unused)
+    v, q = col_term if col_term is not None else (unused, unused)
+    index, coeff = positives if positives is not None else (unused, unused)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        out = torch.zeros(end - start, dim, dtype=torch.float32, device=a.device)
+        grid = lambda meta: (triton.cdiv(end - start, meta["BLOCK_R"]),)
+        _exp_weighted_matmul_tuned[grid](
+            a, b, out, scale, w, off, v, q, index, coeff,
+            start, end, n_cols, dim,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+            HAS_ROW_TERM=row_term is not None, HAS_COL_TERM=col_term is not None,
+            POSITIVES=positives_by if positives is not None else NO_POSITIVES,
+            EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+        )
+        yield slice(start, end), out

@@ -1,0 +1,122 @@
+"""Primitive 1 in Triton: row (and column) log-sum-exp of S = s * a @ b.T, S never stored.
+
+One program owns BLOCK_R rows of S and sweeps all columns, keeping an online (running
+max, rescaled sum) row LSE in registers. With MERGE_COLUMNS it also folds each tile's
+column (max, sum) into shared per-column buffers, so both directions cost one product:
+a column block's buffers are guarded by a spin lock, and programs visit the column
+blocks in a staggered order so they rarely wait on each other. The merge order varies
+run to run, so the deterministic path instead runs this kernel twice, on (a, b) and on
+(b, a): the rows of S.T are the columns of S.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._config import INTERPRET, MIN_BLOCK, dot_precision, lse_configs
+
+
+@triton.jit
+def scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
+                      stride_bc, stride_bd, scale,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """s * a[rows] @ b[cols].T as a (BLOCK_R, BLOCK_C) fp32 tile, accumulated over D in BLOCK_D steps."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + ds[None, :] * stride_ad,
+                    mask=(rows[:, None] < n_rows) & (ds[None, :] < dim), other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bc + ds[None, :] * stride_bd,
+                    mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0)
+        if UPCAST:  # the interpreter's tl.dot multiplies raw bf16 bit patterns
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc * scale
+
+
+@triton.jit
+def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr, lock_ptr,
+                        n_rows, n_cols, dim, stride_ar, stride_ad, stride_bc, stride_bd,
+                        EXCLUDE_DIAGONAL: tl.constexpr, MERGE_COLUMNS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_R).to(tl.int64) + pid * BLOCK_R
+    row_ok = rows < n_rows
+    scale = tl.load(scale_ptr)
+    row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    n_col_blocks = tl.cdiv(n_cols, BLOCK_C)
+    for step in range(0, n_col_blocks):
+        col_block = step
+        if MERGE_COLUMNS:
+            col_block = (step + pid) % n_col_blocks
+        cols = tl.arange(0, BLOCK_C).to(tl.int64) + col_block * BLOCK_C
+        col_ok = cols < n_cols
+        s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
+                              stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_DIAGONAL:
+            keep = keep & (rows[:, None] != cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+
+        # Online row LSE; a row whose entries so far are all excluded keeps max -inf, sum 0.
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(s - safe_max[:, None]), axis=1)
+        row_max = new_max
+
+        if MERGE_COLUMNS:
+            tile_max = tl.max(s, axis=0)
+            tile_safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            tile_sum = tl.sum(tl.exp(s - tile_safe[None, :]), axis=0)
+            lock = lock_ptr + col_block
+            while tl.atomic_cas(lock, 0, 1) == 1:
+                pass
+            # Buffers start zeroed (autotune can reset them); a zero sum means "nothing yet".
+            old_sum = tl.load(col_sum_ptr + cols, mask=col_ok, other=0.0)
+            old_max = tl.load(col_max_ptr + cols, mask=col_ok, other=0.0)
+            old_max = tl.where(old_sum > 0, old_max, float("-inf"))
+            merged_max = tl.maximum(old_max, tile_max)
+            merged_safe = tl.where(merged_max == float("-inf"), 0.0, merged_max)
+            merged_sum = old_sum * tl.exp(old_max - merged_safe) + tile_sum * tl.exp(tile_max - merged_safe)
+            tl.store(col_max_ptr + cols, merged_max, mask=col_ok)
+            tl.store(col_sum_ptr + cols, merged_sum, mask=col_ok)
+            tl.atomic_xchg(lock, 0)
+
+    tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
+
+
+_lse_forward_tuned = triton.autotune(
+    configs=lse_configs(), key=["dim"], reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
+)(_lse_forward_kernel)
+
+
+def _launch(a, b, scale, exclude_diagonal, merge_columns):
+    n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
+    row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
+    if merge_columns:
+        col_max = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
+        col_sum = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
+        locks = torch.zeros(triton.cdiv(n_cols, MIN_BLOCK), dtype=torch.int32, device=a.device)
+    else:
+        col_max = col_sum = locks = row_lse  # unused
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
+    _lse_forward_tuned[grid](
+        a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
+        UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+    )
+    col_lse = col_max + torch.log(col_sum) if merge_columns else None
+    return row_lse, col_lse
+
+
+def lse_forward(x, y, scale, rows=True, cols=False, exclude_diagonal=False, deterministic=False):
+    """(row LSE or None, column LSE or None) of S = scale * x @ y.T, fp32; scale a 0-d fp32 tensor."""
+    if rows and cols and not deterministic:
+        return _launch(x, y, scale, exclude_diagonal, merge_columns=True)
+    row_lse = _launch(x, y, scale, exclude_diagonal, False)[0] if rows else None
+    col_lse = _launch(y, x, scale, exclude_diagonal, False)[0] if cols else None
+    return row_lse, col_lse
