@@ -1,8 +1,12 @@
 import os
 
-# Triton kernels run on CPU tensors through Triton's interpreter; this must be set before
-# any @triton.jit function is defined (flashcl imports its kernels lazily, on first use).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# FLASHCL_TEST_DEVICE=cuda runs the suite on CUDA tensors: every test that computes makes
+# its inputs on DEVICE (the `generator` fixture lives there). On CPU, the Triton kernels run through Triton's interpreter,
+# which must be switched on before any @triton.jit function is defined (flashcl imports
+# its kernels lazily, on first use).
+TEST_DEVICE = os.environ.get("FLASHCL_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -10,13 +14,15 @@ import torch.nn.functional as F
 
 import flashcl
 
+DEVICE = torch.device(TEST_DEVICE)
+
 # Per-dtype tolerances against a float64 reference (DESIGN.md, "Precision").
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def unit_rows(n, d, generator, dtype=torch.float32, like=None, noise=0.5):
     """n unit-norm rows; with `like`, each row is a noisy copy of like's row (a positive pair)."""
-    z = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    z = torch.randn(n, d, generator=generator, dtype=torch.float64, device=generator.device)
     if like is not None:
         z = like.double()[:n] + noise * z
     return F.normalize(z, dim=1).to(dtype)
@@ -48,10 +54,12 @@ def check_against_reference(loss_fn, ref_fn, features, scale, dtype, reduction, 
     reduction and the upstream gradient give anchor i: these set the tolerances' scale.
     """
     features = [f.to(dtype).requires_grad_() for f in features]
-    scale_t = torch.tensor(float(scale), dtype=torch.promote_types(dtype, torch.float32), requires_grad=True)
+    scale_t = torch.tensor(float(scale), dtype=torch.promote_types(dtype, torch.float32), device=DEVICE,
+                           requires_grad=True)
     with flashcl.tiling(**TILINGS[tiles]):
         loss = loss_fn(*features, scale_t, reduction=reduction, backend=backend, **kwargs)
-    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
+    upstream = torch.randn(loss.shape, generator=torch.Generator(DEVICE).manual_seed(1), dtype=loss.dtype,
+                           device=DEVICE)
     grads = torch.autograd.grad(loss, [*features, scale_t], upstream)
 
     ref_features = [f.detach().double().requires_grad_() for f in features]
@@ -73,16 +81,16 @@ def check_against_reference(loss_fn, ref_fn, features, scale, dtype, reduction, 
 
 @pytest.fixture
 def generator():
-    return torch.Generator().manual_seed(0)
+    return torch.Generator(DEVICE).manual_seed(0)
 
 
 def backend_cases(dtypes, tilings=({},)):
-    """(backend, dtype, tiling) triples for every backend available on CPU here. Tilings only
+    """(backend, dtype, tiling) triples for every backend available on the test device. Tilings only
     mean something to the torch backend; the Triton kernels take no fp64."""
     cases = []
-    for backend in flashcl.available_backends("cpu"):
+    for backend in flashcl.available_backends(DEVICE):
         for dtype in dtypes:
-            if backend not in flashcl.available_backends("cpu", dtype):
+            if backend not in flashcl.available_backends(DEVICE, dtype):
                 continue
             for tiles in (tilings if backend == "torch" else ({},)):
                 cases.append(pytest.param(backend, dtype, tiles, id=f"{backend}-{str(dtype)[6:]}-{tiles or 'auto'}"))

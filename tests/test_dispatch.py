@@ -13,7 +13,7 @@ def test_torch_backend_always_available():
 
 def test_auto_and_explicit(monkeypatch):
     monkeypatch.delenv(primitives.ENV_VAR, raising=False)
-    x = torch.randn(3, 2)
+    x = torch.randn(3, 2, device="cpu")
     # On CPU tensors auto is the torch backend (the Triton interpreter is for tests only).
     assert primitives.resolve_backend(None, x).name == "torch"
     assert primitives.resolve_backend("auto", x).name == "torch"
@@ -21,7 +21,7 @@ def test_auto_and_explicit(monkeypatch):
 
 
 def test_env_var_forces_and_argument_wins(monkeypatch):
-    x = torch.randn(3, 2)
+    x = torch.randn(3, 2, device="cpu")
     monkeypatch.setenv(primitives.ENV_VAR, "torch")
     assert primitives.resolve_backend(None, x).name == "torch"
     monkeypatch.setenv(primitives.ENV_VAR, "nonsense")
@@ -30,9 +30,15 @@ def test_env_var_forces_and_argument_wins(monkeypatch):
         flashcl.clip_loss(x, x, 1.0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_prefers_triton_on_cuda():
+    if "triton" in flashcl.available_backends("cuda"):
+        assert primitives.resolve_backend("auto", torch.randn(3, 2, device="cuda")).name == "triton"
+
+
 def test_unknown_backend_names_the_choices():
     with pytest.raises(ValueError, match=r"^backend='tpu' is not a flashcl backend; choose from 'auto', 'triton', 'torch'$"):
-        flashcl.clip_loss(torch.randn(3, 2), torch.randn(3, 2), 1.0, backend="tpu")
+        flashcl.clip_loss(torch.randn(3, 2, device="cpu"), torch.randn(3, 2, device="cpu"), 1.0, backend="tpu")
 
 
 def test_unavailable_backend_names_what_is_available(monkeypatch):
@@ -41,14 +47,14 @@ def test_unavailable_backend_names_what_is_available(monkeypatch):
         lambda device, dtype: None if device.type == "cuda" else "needs CUDA tensors", None, lambda device: False))
     with pytest.raises(RuntimeError, match=r"^backend='gpu-only' cannot run on cpu torch.float64 tensors: "
                                            r"needs CUDA tensors. Available for these tensors: torch$"):
-        flashcl.infonce_loss(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), 1.0,
+        flashcl.infonce_loss(torch.randn(3, 2, dtype=torch.float64, device="cpu"), torch.randn(3, 2, dtype=torch.float64, device="cpu"), 1.0,
                              backend="gpu-only")
     assert "gpu-only" not in flashcl.available_backends("cpu")
     assert "gpu-only" in flashcl.available_backends("cuda")
 
 
 def test_every_public_function_takes_backend():
-    x = torch.randn(4, 3)
+    x = torch.randn(4, 3, device="cpu")
     for call in (lambda b: flashcl.infonce_loss(x, x, 2.0, backend=b),
                  lambda b: flashcl.clip_loss(x, x, 2.0, backend=b),
                  lambda b: flashcl.nt_xent_loss(x, x, 2.0, backend=b),

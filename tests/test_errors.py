@@ -11,8 +11,9 @@ LOSSES = {
 }
 
 
-def features(n=4, d=3, **kwargs):
-    return torch.randn(n, d, **kwargs)
+def features(n=4, d=3, device="cpu", **kwargs):
+    """CPU tensors: the messages name the device, and validation runs before any device work."""
+    return torch.randn(n, d, device=device, **kwargs)
 
 
 @pytest.fixture(params=LOSSES)

@@ -4,7 +4,7 @@ import torch
 
 import flashcl
 import reference
-from conftest import TILINGS, assert_close, check_against_reference, unit_rows
+from conftest import DEVICE, TILINGS, assert_close, check_against_reference, unit_rows
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -23,7 +23,7 @@ def test_infonce(n, m, d, dtype, tiles, generator):
         keys[:n] = unit_rows(n, d, generator, like=queries)
         targets = None
     else:
-        targets = torch.randint(0, m, (n,), generator=generator)
+        targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
     for scale, reduction in [(1.0, "mean"), (20.0, "none"), (100.0, "sum")]:
         check_against_reference(flashcl.infonce_loss, reference.infonce, [queries, keys], scale, dtype,
                                 reduction, tiles, targets=targets)
@@ -32,7 +32,7 @@ def test_infonce(n, m, d, dtype, tiles, generator):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_infonce_explicit_targets_with_repeats(dtype, generator):
     queries, keys = unit_rows(50, 33, generator), unit_rows(70, 33, generator)
-    targets = torch.randint(0, 5, (50,), generator=generator)  # many queries share a positive
+    targets = torch.randint(0, 5, (50,), generator=generator, device=DEVICE)  # many queries share a positive
     check_against_reference(flashcl.infonce_loss, reference.infonce, [queries, keys], 30.0, dtype,
                             "mean", "tiles", targets=targets)
 
@@ -87,9 +87,9 @@ def test_strided_and_expanded_inputs(layout, generator):
 def test_learnable_scale_gets_gradient_through_exp(generator):
     """open_clip stores log(scale) and passes its exp(); the gradient must reach the parameter."""
     image, text = unit_rows(30, 16, generator), unit_rows(30, 16, generator)
-    log_scale = torch.tensor(2.5, requires_grad=True)
+    log_scale = torch.tensor(2.5, device=DEVICE, requires_grad=True)
     flashcl.clip_loss(image, text, log_scale.exp()).backward()
-    ref_log_scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    ref_log_scale = torch.tensor(2.5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     reference.clip(image.double(), text.double(), ref_log_scale.exp()).backward()
     assert_close(log_scale.grad, ref_log_scale.grad, torch.float32, "d loss / d log_scale")
 

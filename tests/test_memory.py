@@ -6,7 +6,7 @@ from torch.utils._pytree import tree_leaves
 
 import flashcl
 import reference
-from conftest import unit_rows
+from conftest import DEVICE, unit_rows
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -37,7 +37,7 @@ CALLS = {
 def forward_backward(loss_fn, generator, dtype=torch.float32):
     x = unit_rows(N, D, generator, dtype).requires_grad_()
     y = unit_rows(M, D, generator, dtype).requires_grad_()
-    s = torch.tensor(10.0, requires_grad=True)
+    s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
     with LargestAllocation() as largest:
         loss_fn(x, y, s).backward()
     return largest

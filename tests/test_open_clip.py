@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashcl
-from conftest import assert_close, require_peer, unit_rows
+from conftest import DEVICE, assert_close, require_peer, unit_rows
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_loss_and_gradients_match(open_clip_loss, n, d, output_dict, generator):
     results = []
     for loss_module in (open_clip_loss.ClipLoss(), flashcl.ClipLoss()):
         img, txt = image.clone().requires_grad_(), text.clone().requires_grad_()
-        log_scale = torch.tensor(LOG_SCALE, requires_grad=True)
+        log_scale = torch.tensor(LOG_SCALE, device=DEVICE, requires_grad=True)
         out = loss_module(img, txt, log_scale.exp(), output_dict=output_dict)
         loss = out["contrastive_loss"] if output_dict else out
         loss.backward()
@@ -47,7 +47,7 @@ def test_loss_and_gradients_match(open_clip_loss, n, d, output_dict, generator):
 
 def test_logit_bias_does_not_change_the_loss(open_clip_loss, generator):
     image, text = unit_rows(16, 8, generator), unit_rows(16, 8, generator)
-    bias = torch.tensor(-3.0)
+    bias = torch.tensor(-3.0, device=DEVICE)
     theirs = open_clip_loss.ClipLoss()(image, text, 10.0, logit_bias=bias)
     ours = flashcl.ClipLoss()(image, text, 10.0, logit_bias=bias)
     torch.testing.assert_close(ours, theirs)

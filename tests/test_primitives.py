@@ -4,11 +4,11 @@ import torch
 
 import flashcl
 import reference
-from conftest import assert_close, backend_cases, unit_rows
+from conftest import DEVICE, assert_close, backend_cases, unit_rows
 from flashcl.backends.torch_tiles import MIN_BLOCK, TILE_BUFFERS, Tiling, choose_tiles
 from flashcl.primitives import resolve_backend
 
-BACKENDS = flashcl.available_backends("cpu")
+BACKENDS = flashcl.available_backends(DEVICE)
 SHAPES = [(1, 1, 1), (1, 9, 5), (7, 7, 3), (33, 130, 48), (130, 33, 100), (200, 200, 17)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TILINGS = [dict(), dict(block_rows=16, block_cols=16), dict(block_rows=7, block_cols=50)]
@@ -20,7 +20,7 @@ def inputs(n, m, d, dtype, generator, scale=10.0):
     x = unit_rows(n, d, generator, dtype)
     y = unit_rows(m, d, generator, dtype)
     stats = torch.float64 if dtype == torch.float64 else torch.float32
-    return x, y, torch.tensor(scale, dtype=stats)
+    return x, y, torch.tensor(scale, dtype=stats, device=DEVICE)
 
 
 @pytest.mark.parametrize("n,m,d", SHAPES)
@@ -59,13 +59,13 @@ def grad_inputs(n, m, dtype, x, y, s, generator, exclude_diagonal=False):
     """Signed weights and offsets that keep exponents bounded, as the losses and the gamma loss pass them."""
     rows, cols = reference.lse(x.double(), y.double(), s.double(), exclude_diagonal)
     stats = s.dtype
-    a = torch.randn(n, generator=generator, dtype=torch.float64).to(stats)
-    b = torch.randn(m, generator=generator, dtype=torch.float64).to(stats)
+    a = torch.randn(n, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
+    b = torch.randn(m, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
     # A gamma-weight offset log M - log u_i sits within a few units of the LSE.
-    o = (rows + torch.rand(n, generator=generator, dtype=torch.float64) * 3).to(stats)
-    p = (cols - torch.rand(m, generator=generator, dtype=torch.float64)).to(stats)
-    targets = torch.randint(0, m, (n,), generator=generator)
-    c = torch.randn(n, generator=generator, dtype=torch.float64).to(stats)
+    o = (rows + torch.rand(n, generator=generator, dtype=torch.float64, device=DEVICE) * 3).to(stats)
+    p = (cols - torch.rand(m, generator=generator, dtype=torch.float64, device=DEVICE)).to(stats)
+    targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
+    c = torch.randn(n, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
     return a, o, b, p, (targets, c)
 
 

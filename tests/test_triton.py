@@ -4,11 +4,11 @@ import torch
 
 import flashcl
 import reference
-from conftest import assert_close, check_against_reference, unit_rows
+from conftest import DEVICE, assert_close, check_against_reference, unit_rows
 from flashcl.backends import triton as triton_backend
 from flashcl.primitives import resolve_backend
 
-pytestmark = pytest.mark.skipif("triton" not in flashcl.available_backends("cpu"),
+pytestmark = pytest.mark.skipif("triton" not in flashcl.available_backends(DEVICE),
                                 reason="Triton is not installed or TRITON_INTERPRET is unset")
 
 HALF_AND_FP32 = [torch.float32, torch.float16, torch.bfloat16]
@@ -18,7 +18,7 @@ HALF_AND_FP32 = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("n,m,d", [(1, 7, 3), (33, 130, 48), (130, 33, 100)])
 def test_infonce(dtype, n, m, d, generator):
     queries, keys = unit_rows(n, d, generator), unit_rows(m, d, generator)
-    targets = torch.randint(0, m, (n,), generator=generator)
+    targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
     check_against_reference(flashcl.infonce_loss, reference.infonce, [queries, keys], 100.0, dtype, "mean",
                             backend="triton", targets=targets)
 
@@ -55,7 +55,7 @@ def test_strided_inputs(layout, generator):
 
 
 def test_deterministic_mode_is_bit_identical_and_agrees(generator):
-    x, y, s = unit_rows(70, 20, generator), unit_rows(50, 20, generator), torch.tensor(20.0)
+    x, y, s = unit_rows(70, 20, generator), unit_rows(50, 20, generator), torch.tensor(20.0, device=DEVICE)
     exact = resolve_backend("torch", x)
     deterministic = triton_backend.TritonTiles(deterministic=True)
     merged = triton_backend.TritonTiles(deterministic=False)
@@ -65,7 +65,7 @@ def test_deterministic_mode_is_bit_identical_and_agrees(generator):
     for got in (first, merged.lse(x, y, s, rows=True, cols=True)):
         assert_close(got[0], want[0], torch.float32, "rows", magnitude=20.0)
         assert_close(got[1], want[1], torch.float32, "cols", magnitude=20.0)
-    grads = [deterministic.exp_weighted_grad(x, y, s, a=torch.ones(70), o=want[0], b=torch.ones(50), p=want[1],
+    grads = [deterministic.exp_weighted_grad(x, y, s, a=torch.ones(70, device=DEVICE), o=want[0], b=torch.ones(50, device=DEVICE), p=want[1],
                                              need_ds=True) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
@@ -84,9 +84,9 @@ def test_deterministic_follows_torch_setting():
 def test_large_chunked_backward_matches(generator, monkeypatch):
     """Rows beyond one scratch chunk: the chunk loop must cover every row exactly once."""
     monkeypatch.setattr(triton_backend, "SCRATCH_BYTES", 4 * 16 * 128)  # 128-row chunks at D = 16
-    x, y, s = unit_rows(300, 16, generator), unit_rows(290, 16, generator), torch.tensor(5.0)
+    x, y, s = unit_rows(300, 16, generator), unit_rows(290, 16, generator), torch.tensor(5.0, device=DEVICE)
     rows, cols = reference.lse(x.double(), y.double(), s.double())
-    a, b = torch.randn(300, generator=generator), torch.randn(290, generator=generator)
+    a, b = torch.randn(300, generator=generator, device=DEVICE), torch.randn(290, generator=generator, device=DEVICE)
     terms = dict(a=a, o=rows.float(), b=b, p=cols.float())
     got = resolve_backend("triton", x).exp_weighted_grad(x, y, s, **terms, need_ds=True)
     want = reference.exp_weighted_grad(x, y, s, **terms)
@@ -98,11 +98,11 @@ def test_unavailable_reasons(monkeypatch):
     assert "float16, bfloat16 or float32" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float64)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on cpu torch.float64 tensors: .*"
                                            r"Available for these tensors: torch"):
-        flashcl.clip_loss(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), 1.0,
-                          backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
+        cpu64 = torch.randn(3, 2, dtype=torch.float64, device="cpu")
+        flashcl.clip_loss(cpu64, cpu64, 1.0, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "need CUDA tensors" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float32)
 
 
 def test_auto_does_not_pick_the_interpreter():
-    assert resolve_backend("auto", torch.randn(2, 2)).name == "torch"
+    assert resolve_backend("auto", torch.randn(2, 2, device="cpu")).name == "torch"
