@@ -5,6 +5,7 @@
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TRITON ?= triton==3.7.1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py $(shell find python -name "*.py")
@@ -20,7 +21,7 @@ bench: $(VENV)/.flashcl
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib triton==3.7.1
+	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib "$(TRITON)"
 	# open_clip is the peer the tests compare with; its dependencies would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@

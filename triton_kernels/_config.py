@@ -6,16 +6,19 @@ import triton
 
 # TRITON_INTERPRET=1 runs kernels on the CPU in numpy. Its tl.dot multiplies raw bf16 bit
 # patterns, so kernels upcast loaded tiles there, and its autotuner cannot time more than
-# one config, so it gets exactly one.
+# one config, so it gets exactly one. FLASHCL_TRITON_AUTOTUNE=0 pins the first GPU config,
+# for test runs that would otherwise compile every config for every flag combination.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("FLASHCL_TRITON_AUTOTUNE", "1") != "0"
 MIN_BLOCK = 16  # tl.dot's smallest side; also sizes the column-lock array
 
 
 def _configs(gpu_grid, interpreter_config):
     if INTERPRET:
         return [triton.Config(interpreter_config, num_warps=4, num_stages=1)]
-    return [triton.Config(dict(BLOCK_R=r, BLOCK_C=c, BLOCK_D=d), num_warps=w, num_stages=st)
-            for r, c, d, w, st in gpu_grid]
+    configs = [triton.Config(dict(BLOCK_R=r, BLOCK_C=c, BLOCK_D=d), num_warps=w, num_stages=st)
+               for r, c, d, w, st in gpu_grid]
+    return configs if AUTOTUNE else configs[:1]
 
 
 def lse_configs():

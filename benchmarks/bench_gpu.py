@@ -1,0 +1,253 @@
+"""flashcl against its peers on a GPU: symmetric CLIP loss, forward + backward, one process.
+
+Contenders, each run on the same random unit-norm bf16 features with a learnable logit scale:
+  flashcl   flashcl.clip_loss (auto backend: Triton on CUDA)
+  textbook  the materialized loss in eager PyTorch (open_clip's single-process math)
+  open_clip open_clip's ClipLoss, loaded from its loss.py (skipped if not installed)
+  inf_cl    Inf-CL, two calls of cal_inf_loss (q, k) and (k, q) (skipped if not installed)
+
+Reports the median time (triton.testing.do_bench), the peak memory above inputs and
+gradients, and the fraction of the floor of DESIGN.md:
+  floor = max(8 N M D / matmul rate, 2 N M / exp rate)
+with both rates measured in this run on this device. Out-of-memory is a result ("OOM").
+
+    python benchmarks/bench_gpu.py                    # the issue's grid
+    python benchmarks/bench_gpu.py --dims 768 --batch-sizes 4096 --contenders flashcl textbook
+
+Writes <out>.json, <out>.md and <out>.png. Without CUDA it runs on the CPU with wall-clock
+timing, for smoke tests only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import flashcl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONTENDERS = ("flashcl", "textbook", "open_clip", "inf_cl")
+
+
+def textbook(image, text, logit_scale):
+    logits = logit_scale * image @ text.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def load_contender(name):
+    """The loss function of a contender, or None when its package is not installed."""
+    if name == "flashcl":
+        return flashcl.clip_loss
+    if name == "textbook":
+        return textbook
+    if name == "open_clip":
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            return None
+        module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.ClipLoss()
+    if name == "inf_cl":
+        if importlib.util.find_spec("inf_cl") is None:
+            return None
+        from inf_cl import cal_inf_loss
+
+        return lambda image, text, scale: (cal_inf_loss(image, text, scale=scale) +
+                                           cal_inf_loss(text, image, scale=scale)) / 2
+    raise ValueError(name)
+
+
+def median_ms(fn, device, grad_to_none):
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+    times = []
+    for _ in range(4):
+        for t in grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
+def matmul_tflops(device):
+    """bf16 (fp32 on CPU) 8192^3 product rate on random data."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b, device, []) * 1e-3) / 1e12
+
+
+def exp_rate(device):
+    """Exponentials per second when nothing else limits them: a Triton kernel doing chains of exps in registers."""
+    if device.type != "cuda":
+        x = torch.randn(2**22)
+        return x.numel() / (median_ms(lambda: torch.exp(x), device, []) * 1e-3)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def exp_chain(x_ptr, n_exps: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs)
+        for _ in range(n_exps):
+            v = tl.exp(-v * v)  # stays in (0, 1]: no overflow, no denormals
+        tl.store(x_ptr + offs, v)
+
+    block, n_exps = 1024, 256
+    x = torch.rand(132 * 64 * block, device=device)
+    ms = median_ms(lambda: exp_chain[(x.numel() // block,)](x, n_exps, BLOCK=block), device, [])
+    return x.numel() * n_exps / (ms * 1e-3)
+
+
+def measure(loss_fn, n, d, device, dtype):
+    generator = torch.Generator(device=device).manual_seed(0)
+    image = F.normalize(torch.randn(n, d, device=device, generator=generator), dim=1)
+    text = F.normalize(image + 0.5 * torch.randn(n, d, device=device, generator=generator), dim=1)
+    image, text = image.to(dtype).requires_grad_(), text.to(dtype).requires_grad_()
+    log_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
+    leaves = [image, text, log_scale]
+
+    def step():
+        loss = loss_fn(image, text, log_scale.exp())
+        loss.backward()
+        return loss
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        loss = step().item()
+        grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves)
+        peak = torch.cuda.max_memory_allocated() - baseline - grads if device.type == "cuda" else None
+        ms = median_ms(step, device, leaves)
+    except torch.OutOfMemoryError:
+        return {"error": "OOM"}
+    finally:
+        for t in leaves:
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"ms": ms, "loss": loss, "peak_above_inputs_and_grads_bytes": peak}
+
+
+def machine(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    versions = {"torch": torch.__version__, "flashcl": flashcl.__version__, "python": platform.python_version()}
+    for package in ("triton", "inf_cl", "open_clip"):
+        if importlib.util.find_spec(package) is not None:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                versions[package] = version({"inf_cl": "inf-cl", "open_clip": "open_clip_torch"}.get(package, package))
+            except PackageNotFoundError:
+                versions[package] = "unknown"
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "versions": versions}
+
+
+def table(points, meta):
+    lines = [f"Symmetric CLIP loss, forward + backward, {meta['dtype']}, {meta['device']}, {meta['date'][:10]}, "
+             f"flashcl {meta['commit']}; matmul {meta['matmul_tflops']:.3g} TFLOP/s and "
+             f"{meta['exp_per_s'] / 1e12:.3g} Texp/s measured in this run; median time.",
+             "", "| N | D | contender | time | % of floor | vs flashcl | peak above inputs + grads |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for p in points:
+        if "ms" not in p:
+            lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p.get('error', '-')} | | | |")
+            continue
+        mine = next((q for q in points if q["n"] == p["n"] and q["d"] == p["d"] and q["contender"] == "flashcl"
+                     and "ms" in q), None)
+        ratio = f"{p['ms'] / mine['ms']:.2f}x" if mine else "-"
+        peak = p["peak_above_inputs_and_grads_bytes"]
+        peak = f"{peak / 2**20:.0f} MiB" if peak is not None else "-"
+        lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p['ms']:.2f} ms | "
+                     f"{100 * p['floor_ms'] / p['ms']:.0f}% | {ratio} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(points, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({p["d"] for p in points})
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.5 * len(dims), 4), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for name in CONTENDERS:
+            ok = sorted((p for p in points if p["d"] == d and p["contender"] == name and "ms" in p),
+                        key=lambda p: p["n"])
+            if ok:
+                ax.plot([p["n"] for p in ok], [p["ms"] for p in ok], marker="o", label=name)
+        floor = sorted({(p["n"], p["floor_ms"]) for p in points if p["d"] == d})
+        ax.plot([n for n, _ in floor], [f for _, f in floor], "k--", label="floor")
+        ax.set(xscale="log", yscale="log", xlabel="N = M", ylabel="ms", title=f"D = {d}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--extra", nargs="*", default=["262144:768"], help="extra N:D points")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/clip_loss_<device>)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from tqdm import tqdm
+
+    meta = {**machine(device), "matmul_tflops": matmul_tflops(device), "exp_per_s": exp_rate(device),
+            "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:]}
+    grid = [(n, d) for d in args.dims for n in args.batch_sizes]
+    grid += [tuple(int(v) for v in point.split(":")) for point in args.extra]
+    loss_fns = {name: load_contender(name) for name in args.contenders}
+    points = []
+    for (n, d), name in tqdm([(shape, name) for shape in grid for name in args.contenders], desc="points"):
+        floor_ms = 1e3 * max(8 * n * n * d / (meta["matmul_tflops"] * 1e12), 2 * n * n / meta["exp_per_s"])
+        point = {"n": n, "d": d, "contender": name, "floor_ms": floor_ms}
+        if loss_fns[name] is None:
+            point["error"] = "not installed"
+        elif name == "inf_cl" and d % 256:
+            point["error"] = "D not a multiple of 256"
+        else:
+            point.update(measure(loss_fns[name], n, d, device, dtype))
+        points.append(point)
+
+    stem = args.out or RESULTS / f"clip_loss_{device.type}_{meta['device'].replace(' ', '_')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"machine": meta, "points": points}, indent=2) + "\n")
+    markdown = table(points, meta)
+    stem.with_suffix(".md").write_text(markdown + "\n")
+    plot(points, stem.with_suffix(".png"))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
