@@ -5,7 +5,7 @@ import torch
 import flashcl
 import reference
 from conftest import DEVICE, assert_close, check_against_reference, unit_rows
-from flashcl.backends import triton as triton_backend
+from flashcl.backends import fused, triton as triton_backend
 from flashcl.primitives import resolve_backend
 
 pytestmark = pytest.mark.skipif("triton" not in flashcl.available_backends(DEVICE),
@@ -57,8 +57,8 @@ def test_strided_inputs(layout, generator):
 def test_deterministic_mode_is_bit_identical_and_agrees(generator):
     x, y, s = unit_rows(70, 20, generator), unit_rows(50, 20, generator), torch.tensor(20.0, device=DEVICE)
     exact = resolve_backend("torch", x)
-    deterministic = triton_backend.TritonTiles(deterministic=True)
-    merged = triton_backend.TritonTiles(deterministic=False)
+    deterministic = triton_backend.make(deterministic=True)
+    merged = triton_backend.make(deterministic=False)
     first, second = deterministic.lse(x, y, s, rows=True, cols=True), deterministic.lse(x, y, s, rows=True, cols=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     want = exact.lse(x, y, s, rows=True, cols=True)
@@ -74,16 +74,16 @@ def test_deterministic_follows_torch_setting():
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert triton_backend.TritonTiles().deterministic
+        assert triton_backend.make().deterministic
         torch.use_deterministic_algorithms(False)
-        assert not triton_backend.TritonTiles().deterministic
+        assert not triton_backend.make().deterministic
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def test_large_chunked_backward_matches(generator, monkeypatch):
     """Rows beyond one scratch chunk: the chunk loop must cover every row exactly once."""
-    monkeypatch.setattr(triton_backend, "SCRATCH_BYTES", 4 * 16 * 128)  # 128-row chunks at D = 16
+    monkeypatch.setattr(fused, "SCRATCH_BYTES", 4 * 16 * 128)  # 128-row chunks at D = 16
     x, y, s = unit_rows(300, 16, generator), unit_rows(290, 16, generator), torch.tensor(5.0, device=DEVICE)
     rows, cols = reference.lse(x.double(), y.double(), s.double())
     a, b = torch.randn(300, generator=generator, device=DEVICE), torch.randn(290, generator=generator, device=DEVICE)

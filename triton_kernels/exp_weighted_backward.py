@@ -10,19 +10,14 @@ row, so there are no atomics and the result is bit-identical run to run.
 
 dx = s * (G @ y) is this kernel on (x, y); dy = s * (G.T @ x) is the same kernel on (y, x)
 with the row and column terms swapped, so each gradient costs one recompute of S.
-Rows are processed in chunks so the fp32 output stays within a memory budget.
+flashcl.backends.fused launches it a chunk of rows at a time, so the fp32 output stays small.
 """
-from typing import Iterator, Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ._config import INTERPRET, backward_configs, dot_precision
 from .lse_forward import scaled_logit_tile
-
-NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
-
 
 @triton.jit
 def _exp_weighted_matmul_kernel(
@@ -42,7 +37,7 @@ def _exp_weighted_matmul_kernel(
     if HAS_ROW_TERM:
         row_w = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)
         row_off = tl.load(row_off_ptr + rows, mask=row_ok, other=0.0)
-    if POSITIVES == 1:  # row r's positive is column pos_index[r]
+    if POSITIVES == 1:  # by row: row r's positive is column pos_index[r]
         row_target = tl.load(pos_index_ptr + rows, mask=row_ok, other=-1)
         row_coeff = tl.load(pos_coeff_ptr + rows, mask=row_ok, other=0.0)
 
@@ -64,7 +59,7 @@ def _exp_weighted_matmul_kernel(
         g = tl.where(keep, g, 0.0)  # where, not a product: an excluded exp may be inf
         if POSITIVES == 1:
             g += tl.where(row_target[:, None] == cols[None, :], row_coeff[:, None], 0.0)
-        if POSITIVES == 2:  # column c's positive is row pos_index[c]
+        if POSITIVES == 2:  # by column: column c's positive is row pos_index[c]
             col_target = tl.load(pos_index_ptr + cols, mask=col_ok, other=-1)
             col_coeff = tl.load(pos_coeff_ptr + cols, mask=col_ok, other=0.0)
             g += tl.where(col_target[None, :] == rows[:, None], col_coeff[None, :], 0.0)
@@ -89,38 +84,20 @@ _exp_weighted_matmul_tuned = triton.autotune(
 )(_exp_weighted_matmul_kernel)
 
 
-def exp_weighted_products(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    row_term: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    col_term: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    positives: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    positives_by: int,
-    exclude_diagonal: bool,
-    scratch_bytes: int,
-) -> Iterator[Tuple[slice, torch.Tensor]]:
-    """Yields (rows, G[rows] @ b) in fp32, a chunk of rows at a time within `scratch_bytes`.
-
-    row_term = (w, off) over a's rows, col_term = (v, q) over b's rows; positives = (index, coeff)
-    indexed by a's rows (POSITIVES_BY_ROW) or by b's rows (POSITIVES_BY_COLUMN).
-    """
-    n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
-    chunk = max(128, scratch_bytes // (4 * dim))
-    unused = scale  # any tensor stands in for an absent term's pointers
-    w, off = row_term if row_term is not None else (unused, unused)
-    v, q = col_term if col_term is not None else (unused, unused)
-    index, coeff = positives if positives is not None else (unused, unused)
-    for start in range(0, n_rows, chunk):
-        end = min(start + chunk, n_rows)
-        out = torch.zeros(end - start, dim, dtype=torch.float32, device=a.device)
-        grid = lambda meta: (triton.cdiv(end - start, meta["BLOCK_R"]),)
-        _exp_weighted_matmul_tuned[grid](
-            a, b, out, scale, w, off, v, q, index, coeff,
-            start, end, n_cols, dim,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-            HAS_ROW_TERM=row_term is not None, HAS_COL_TERM=col_term is not None,
-            POSITIVES=positives_by if positives is not None else NO_POSITIVES,
-            EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-        )
-        yield slice(start, end), out
+def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                          positives_by, exclude_diagonal, row_start, row_end):
+    """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract)."""
+    out = torch.zeros(row_end - row_start, a.shape[1], dtype=torch.float32, device=a.device)
+    absent = scale  # stands in for the pointers of a term the constexpr flags switch off
+    grid = lambda meta: (triton.cdiv(row_end - row_start, meta["BLOCK_R"]),)
+    _exp_weighted_matmul_tuned[grid](
+        a, b, out, scale,
+        absent if row_w is None else row_w, absent if row_off is None else row_off,
+        absent if col_w is None else col_w, absent if col_off is None else col_off,
+        absent if pos_index is None else pos_index, absent if pos_coeff is None else pos_coeff,
+        row_start, row_end, b.shape[0], a.shape[1],
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        HAS_ROW_TERM=row_w is not None, HAS_COL_TERM=col_w is not None, POSITIVES=positives_by,
+        EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+    )
+    return out

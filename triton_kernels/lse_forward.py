@@ -113,10 +113,11 @@ def _launch(a, b, scale, exclude_diagonal, merge_columns):
     return row_lse, col_lse
 
 
-def lse_forward(x, y, scale, rows=True, cols=False, exclude_diagonal=False, deterministic=False):
-    """(row LSE or None, column LSE or None) of S = scale * x @ y.T, fp32; scale a 0-d fp32 tensor."""
+def lse_forward(x, y, scale, rows, cols, exclude_diagonal, deterministic):
+    """(row LSE, column LSE) of S = scale * x @ y.T in fp32, a direction not asked for empty."""
     if rows and cols and not deterministic:
         return _launch(x, y, scale, exclude_diagonal, merge_columns=True)
-    row_lse = _launch(x, y, scale, exclude_diagonal, False)[0] if rows else None
-    col_lse = _launch(y, x, scale, exclude_diagonal, False)[0] if cols else None
+    empty = torch.empty(0, dtype=torch.float32, device=x.device)
+    row_lse = _launch(x, y, scale, exclude_diagonal, False)[0] if rows else empty
+    col_lse = _launch(y, x, scale, exclude_diagonal, False)[0] if cols else empty
     return row_lse, col_lse

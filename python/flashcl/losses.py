@@ -53,11 +53,14 @@ def _anchor_weights(grad: Tensor, reduction: str, n: int) -> Tensor:
 
 
 class ContrastiveLoss(torch.autograd.Function):
+    """The per-anchor losses above, reduced. y=None means y is x (NT-Xent's self-similarity)."""
+
     @staticmethod
     def forward(ctx, x, y, scale, targets, symmetric, exclude_diagonal, reduction, backend):
-        row_lse, col_lse = backend.lse(x, y, scale, rows=True, cols=symmetric,
+        keys = x if y is None else y
+        row_lse, col_lse = backend.lse(x, keys, scale, rows=True, cols=symmetric,
                                        exclude_diagonal=exclude_diagonal)
-        positive = _positive_logits(x, y, targets, scale)
+        positive = _positive_logits(x, keys, targets, scale)
         losses = row_lse - positive
         if symmetric:
             losses = 0.5 * (losses + (col_lse - positive))
@@ -70,18 +73,21 @@ class ContrastiveLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, y, scale, targets, row_lse, col_lse = ctx.saved_tensors
+        self_similarity = y is None
         weights = _anchor_weights(grad, ctx.reduction, x.shape[0])
         share = weights * 0.5 if ctx.symmetric else weights
         dx, dy, ds = ctx.backend.exp_weighted_grad(
-            x, y, scale,
+            x, x if self_similarity else y, scale,
             a=share, o=row_lse,
             b=share if ctx.symmetric else None, p=col_lse,
             positives=(targets, -weights),
             exclude_diagonal=ctx.exclude_diagonal,
             need_dx=ctx.needs_input_grad[0],
-            need_dy=ctx.needs_input_grad[1],
+            need_dy=ctx.needs_input_grad[0] if self_similarity else ctx.needs_input_grad[1],
             need_ds=ctx.needs_input_grad[2],
         )
+        if self_similarity and dx is not None:
+            dx, dy = dx.add_(dy), None  # x sits on both sides of S
         return dx, dy, ds, None, None, None, None, None
 
 
@@ -167,5 +173,5 @@ def nt_xent_loss(
     n = z1.shape[0]
     samples = torch.cat([z1, z2])
     other_view = torch.arange(2 * n, device=z1.device).roll(n)
-    return ContrastiveLoss.apply(samples, samples, scale, other_view, False, True, reduction,
+    return ContrastiveLoss.apply(samples, None, scale, other_view, False, True, reduction,
                                  resolve_backend(backend, samples))

@@ -47,15 +47,10 @@ class _Entry:
     automatic: Callable[[torch.device], bool]  # may 'auto' pick it for tensors on this device
 
 
-def _make_triton() -> Backend:
-    from .backends.triton import TritonTiles
-    return TritonTiles()
-
-
 # In order of preference for `auto`: the first available and automatic entry wins.
 _BACKENDS: Dict[str, _Entry] = {
     # The interpreter also runs Triton on CPU tensors, but far too slowly to be chosen unasked.
-    "triton": _Entry(triton_backend.unavailable_reason, _make_triton, lambda device: device.type == "cuda"),
+    "triton": _Entry(triton_backend.unavailable_reason, triton_backend.make, lambda device: device.type == "cuda"),
     "torch": _Entry(lambda device, dtype: None, TorchTiles, lambda device: True),
 }
 

@@ -13,7 +13,6 @@ fp64 inputs stay fp64 (gradcheck needs it).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from typing import Iterator, Optional, Tuple
 
@@ -34,9 +33,9 @@ class Tiling:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
 
 
-_current_tiling: contextvars.ContextVar[Tiling] = contextvars.ContextVar(
-    "flashcl_tiling", default=Tiling()
-)
+# The innermost `tiling` scope is last. A plain list, not a ContextVar, because torch.compile
+# can trace reading it; the scope is therefore per process, not per thread.
+_tiling_scopes: list = [Tiling()]
 
 
 @contextlib.contextmanager
@@ -55,11 +54,11 @@ def tiling(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"tiling: {name} must be a positive int or None, got {value!r}")
     chosen = Tiling(block_rows, block_cols, memory_budget or DEFAULT_MEMORY_BUDGET)
-    token = _current_tiling.set(chosen)
+    _tiling_scopes.append(chosen)
     try:
         yield chosen
     finally:
-        _current_tiling.reset(token)
+        _tiling_scopes.pop()
 
 
 def choose_tiles(n: int, m: int, d: int, itemsize: int, tiles: Tiling) -> Tuple[int, int]:
@@ -114,7 +113,7 @@ class TorchTiles:
     name = "torch"
 
     def __init__(self, tiles: Optional[Tiling] = None):
-        self.tiles = tiles or _current_tiling.get()
+        self.tiles = tiles or _tiling_scopes[-1]
 
     def _tile_grid(self, x: Tensor, y: Tensor) -> Tuple[int, int]:
         itemsize = torch.empty((), dtype=statistics_dtype(x.dtype)).element_size()

@@ -1,4 +1,4 @@
-"""The Triton backend: both primitives from the kernels in flashcl.triton_kernels.
+"""The Triton backend: the kernels of flashcl.triton_kernels as torch.library custom ops.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (Triton's numpy
 interpreter, for tests). Inputs fp16, bf16 or fp32; statistics and accumulation fp32.
@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-SCRATCH_BYTES = 32 * 2**20  # the fp32 row-chunk output of one backward launch
+from .fused import FusedKernels
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -26,60 +27,39 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
-class TritonTiles:
-    """Primitives 1 and 2 of DESIGN.md with Triton kernels.
+# The operators exist from import on (torch.compile must find them while tracing); the
+# kernels they call are imported, and compiled, on first use.
+@torch.library.custom_op("flashcl::triton_lse_forward", mutates_args=())
+def lse_forward(x: Tensor, y: Tensor, scale: Tensor, rows: bool, cols: bool,
+                exclude_diagonal: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    from flashcl.triton_kernels.lse_forward import lse_forward as launch
 
-    deterministic (default: torch.are_deterministic_algorithms_enabled()) computes the column
-    LSE with its own pass instead of the lock-merged single pass, so forward is bit-identical
-    run to run; backward always is.
-    """
+    return launch(x, y, scale, rows, cols, exclude_diagonal, deterministic)
 
-    name = "triton"
 
-    def __init__(self, deterministic: Optional[bool] = None):
-        from flashcl.triton_kernels import exp_weighted_backward, lse_forward  # compiles on first use
+@lse_forward.register_fake
+def _(x, y, scale, rows, cols, exclude_diagonal, deterministic):
+    return (x.new_empty(x.shape[0] if rows else 0, dtype=torch.float32),
+            x.new_empty(y.shape[0] if cols else 0, dtype=torch.float32))
 
-        self._lse_forward = lse_forward.lse_forward
-        self._backward = exp_weighted_backward
-        self.deterministic = (torch.are_deterministic_algorithms_enabled()
-                              if deterministic is None else deterministic)
 
-    def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
-            exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        return self._lse_forward(x, y, scale, rows, cols, exclude_diagonal, self.deterministic)
+@torch.library.custom_op("flashcl::triton_exp_weighted_products", mutates_args=())
+def exp_weighted_products(
+        a: Tensor, b: Tensor, scale: Tensor, row_w: Optional[Tensor], row_off: Optional[Tensor],
+        col_w: Optional[Tensor], col_off: Optional[Tensor], pos_index: Optional[Tensor],
+        pos_coeff: Optional[Tensor], positives_by: int, exclude_diagonal: bool, row_start: int,
+        row_end: int) -> Tensor:
+    from flashcl.triton_kernels.exp_weighted_backward import exp_weighted_products as launch
 
-    def exp_weighted_grad(
-        self, x: Tensor, y: Tensor, scale: Tensor, *,
-        a: Optional[Tensor] = None, o: Optional[Tensor] = None,
-        b: Optional[Tensor] = None, p: Optional[Tensor] = None,
-        positives: Optional[Tuple[Tensor, Tensor]] = None,
-        exclude_diagonal: bool = False,
-        need_dx: bool = True, need_dy: bool = True, need_ds: bool = False,
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        # Weights travel divided by their largest magnitude, so G fits fp16 in the tensor-core
-        # product whatever the reduction (a mean over 10^5 rows is below fp16's normal range).
-        magnitudes = [t.abs().max() for t in (a, b, positives[1] if positives else None) if t is not None]
-        norm = torch.stack(magnitudes).max().clamp_min(torch.finfo(torch.float32).tiny)
+    return launch(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                  positives_by, exclude_diagonal, row_start, row_end)
 
-        def normalized(weights, offsets):
-            return None if weights is None else (weights / norm, offsets)
 
-        terms = dict(positives=None if positives is None else (positives[0], positives[1] / norm),
-                     exclude_diagonal=exclude_diagonal, scratch_bytes=SCRATCH_BYTES)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else None
-        ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
-        if need_dx or need_ds:
-            for rows, gy in self._backward.exp_weighted_products(
-                    x, y, scale, normalized(a, o), normalized(b, p),
-                    positives_by=self._backward.POSITIVES_BY_ROW, **terms):
-                if need_ds:
-                    ds += torch.sum(gy * x[rows].float())
-                if need_dx:
-                    dx[rows] = gy.mul_(scale * norm)
-        if need_dy:
-            for cols, gtx in self._backward.exp_weighted_products(
-                    y, x, scale, normalized(b, p), normalized(a, o),
-                    positives_by=self._backward.POSITIVES_BY_COLUMN, **terms):
-                dy[cols] = gtx.mul_(scale * norm)
-        return dx, dy, (ds * norm if need_ds else None)
+@exp_weighted_products.register_fake
+def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by, exclude_diagonal,
+      row_start, row_end):
+    return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
+
+
+def make(deterministic: Optional[bool] = None) -> FusedKernels:
+    return FusedKernels("triton", lse_forward, exp_weighted_products, deterministic)

@@ -1,0 +1,92 @@
+"""The two primitives from two fused kernels: what the Triton and CUDA backends share.
+
+A kernel family brings two operators (registered with torch.library, so torch.compile
+sees them as opaque nodes with fake implementations):
+
+    lse_forward(x, y, scale, rows, cols, exclude_diagonal, deterministic) -> (row_lse, col_lse)
+        fp32 LSE vectors; a direction not asked for comes back empty.
+    exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                          positives_by, exclude_diagonal, row_start, row_end) -> fp32 (row_end - row_start, D)
+        rows [row_start, row_end) of G @ b, with
+        G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + positives,
+        S = scale * a @ b.T, and the positive pairs given by row (positives_by=1: row r's
+        positive is column pos_index[r]) or by column (2: column c's positive is row pos_index[c]).
+
+`FusedKernels` turns those into primitive 2: dx is the products of (x, y); dy the products
+of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks whose fp32 output stays
+within SCRATCH_BYTES.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SCRATCH_BYTES = 32 * 2**20
+MIN_CHUNK_ROWS = 128
+NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
+
+
+class FusedKernels:
+    """Primitives 1 and 2 of DESIGN.md from a kernel family's two operators.
+
+    deterministic (default: torch.are_deterministic_algorithms_enabled()) asks lse_forward for
+    results that are bit-identical run to run; the products are always.
+    """
+
+    def __init__(self, name: str, lse_forward: Callable, exp_weighted_products: Callable,
+                 deterministic: Optional[bool] = None):
+        self.name = name
+        self._lse_forward = lse_forward
+        self._products = exp_weighted_products
+        self.deterministic = (torch.are_deterministic_algorithms_enabled()
+                              if deterministic is None else deterministic)
+
+    def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
+            exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        row_lse, col_lse = self._lse_forward(x, y, scale, rows, cols, exclude_diagonal, self.deterministic)
+        return (row_lse if rows else None), (col_lse if cols else None)
+
+    def _chunks(self, a: Tensor, b: Tensor, scale: Tensor, row_term, col_term, positives, positives_by,
+                exclude_diagonal):
+        """(rows, G[rows] @ b) in fp32, a chunk of rows at a time."""
+        (w, off), (v, q) = row_term or (None, None), col_term or (None, None)
+        index, coeff = positives or (None, None)
+        chunk = max(MIN_CHUNK_ROWS, SCRATCH_BYTES // (4 * a.shape[1]))
+        for start in range(0, a.shape[0], chunk):
+            end = min(start + chunk, a.shape[0])
+            yield slice(start, end), self._products(
+                a, b, scale, w, off, v, q, index, coeff,
+                positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end)
+
+    def exp_weighted_grad(
+        self, x: Tensor, y: Tensor, scale: Tensor, *,
+        a: Optional[Tensor] = None, o: Optional[Tensor] = None,
+        b: Optional[Tensor] = None, p: Optional[Tensor] = None,
+        positives: Optional[Tuple[Tensor, Tensor]] = None,
+        exclude_diagonal: bool = False,
+        need_dx: bool = True, need_dy: bool = True, need_ds: bool = False,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        # Weights travel divided by their largest magnitude, so G fits fp16 in the tensor-core
+        # product whatever the reduction (a mean over 10^5 rows is below fp16's normal range).
+        magnitudes = [t.abs().max() for t in (a, b, positives[1] if positives else None) if t is not None]
+        norm = torch.stack(magnitudes).max().clamp_min(torch.finfo(torch.float32).tiny)
+        row_term = None if a is None else (a / norm, o)
+        col_term = None if b is None else (b / norm, p)
+        positives = None if positives is None else (positives[0], positives[1] / norm)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else None
+        ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
+        if need_dx or need_ds:
+            for rows, gy in self._chunks(x, y, scale, row_term, col_term, positives, POSITIVES_BY_ROW,
+                                         exclude_diagonal):
+                if need_ds:
+                    ds += torch.sum(gy * x[rows].float())
+                if need_dx:
+                    dx[rows] = gy.mul_(scale * norm)
+        if need_dy:
+            for cols, gtx in self._chunks(y, x, scale, col_term, row_term, positives, POSITIVES_BY_COLUMN,
+                                          exclude_diagonal):
+                dy[cols] = gtx.mul_(scale * norm)
+        return dx, dy, (ds * norm if need_ds else None)
