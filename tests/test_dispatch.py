@@ -26,7 +26,7 @@ def test_env_var_forces_and_argument_wins(monkeypatch):
     assert primitives.resolve_backend(None, x).name == "torch"
     monkeypatch.setenv(primitives.ENV_VAR, "nonsense")
     assert primitives.resolve_backend("torch", x).name == "torch"
-    with pytest.raises(ValueError, match=r"^FLASHCL_BACKEND='nonsense' is not a flashcl backend; choose from 'auto', 'triton', 'torch'"):
+    with pytest.raises(ValueError, match=r"^FLASHCL_BACKEND='nonsense' is not a flashcl backend; choose from 'auto', 'triton', 'cuda', 'torch'"):
         flashcl.clip_loss(x, x, 1.0)
 
 
@@ -37,14 +37,15 @@ def test_auto_prefers_triton_on_cuda():
 
 
 def test_unknown_backend_names_the_choices():
-    with pytest.raises(ValueError, match=r"^backend='tpu' is not a flashcl backend; choose from 'auto', 'triton', 'torch'$"):
+    with pytest.raises(ValueError, match=r"^backend='tpu' is not a flashcl backend; choose from 'auto', 'triton', 'cuda', 'torch'$"):
         flashcl.clip_loss(torch.randn(3, 2, device="cpu"), torch.randn(3, 2, device="cpu"), 1.0, backend="tpu")
 
 
 def test_unavailable_backend_names_what_is_available(monkeypatch):
     """A backend that exists but cannot run here (e.g. a GPU backend on CPU tensors)."""
     monkeypatch.setitem(primitives._BACKENDS, "gpu-only", primitives._Entry(
-        lambda device, dtype: None if device.type == "cuda" else "needs CUDA tensors", None, lambda device: False))
+        lambda: None, lambda device, dtype: None if device.type == "cuda" else "needs CUDA tensors", None,
+        lambda device: False))
     with pytest.raises(RuntimeError, match=r"^backend='gpu-only' cannot run on cpu torch.float64 tensors: "
                                            r"needs CUDA tensors. Available for these tensors: torch$"):
         flashcl.infonce_loss(torch.randn(3, 2, dtype=torch.float64, device="cpu"), torch.randn(3, 2, dtype=torch.float64, device="cpu"), 1.0,

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .backends import cuda as cuda_backend
 from .backends import triton as triton_backend
 from .backends.torch_tiles import TorchTiles
 
@@ -42,24 +44,50 @@ class Backend(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    unavailable: Callable[[torch.device, torch.dtype], Optional[str]]  # why not, or None
+    missing: Callable[[], Optional[str]]  # why it is not installed here, or None
+    unavailable: Callable[[torch.device, torch.dtype], Optional[str]]  # why not for these tensors, or None
     make: Callable[[], Backend]
     automatic: Callable[[torch.device], bool]  # may 'auto' pick it for tensors on this device
+    fallback_if_missing: bool = False  # asked for but not installed: warn and use 'auto' instead of failing
 
 
-# In order of preference for `auto`: the first available and automatic entry wins.
+def _installed() -> Optional[str]:
+    return None
+
+
+def _triton_missing() -> Optional[str]:
+    return triton_backend.unavailable_reason(torch.device("cuda"), torch.float32)
+
+
+# In order of preference for `auto`, which takes the first that is installed, automatic and able to
+# run the tensors. No GPU measurement ranks Triton against CUDA yet (benchmarks/bench_gpu.py will);
+# until one does, the autotuned Triton kernels come first.
 _BACKENDS: Dict[str, _Entry] = {
     # The interpreter also runs Triton on CPU tensors, but far too slowly to be chosen unasked.
-    "triton": _Entry(triton_backend.unavailable_reason, triton_backend.make, lambda device: device.type == "cuda"),
-    "torch": _Entry(lambda device, dtype: None, TorchTiles, lambda device: True),
+    "triton": _Entry(_triton_missing, triton_backend.unavailable_reason, triton_backend.make,
+                     lambda device: device.type == "cuda"),
+    # A pip install that could not build the extension is common and silent; only a user who
+    # asked for it hears about it, once, and gets the next best backend.
+    "cuda": _Entry(cuda_backend.extension_error, cuda_backend.unavailable_reason, cuda_backend.make,
+                   lambda device: device.type == "cuda", fallback_if_missing=True),
+    "torch": _Entry(_installed, lambda device, dtype: None, TorchTiles, lambda device: True),
 }
+
+
+def _why_not(entry: _Entry, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return entry.missing() or entry.unavailable(device, dtype)
 
 
 def available_backends(device: Union[str, torch.device] = "cpu",
                        dtype: torch.dtype = torch.float32) -> List[str]:
     """The backends that can compute the primitives for tensors of this device and dtype."""
     device = torch.device(device)
-    return [name for name, entry in _BACKENDS.items() if entry.unavailable(device, dtype) is None]
+    return [name for name, entry in _BACKENDS.items() if _why_not(entry, device, dtype) is None]
+
+
+def _auto(like: Tensor) -> Backend:
+    return next(entry.make() for entry in _BACKENDS.values()
+                if entry.automatic(like.device) and _why_not(entry, like.device, like.dtype) is None)
 
 
 def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
@@ -67,16 +95,22 @@ def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
     source = "backend" if backend is not None else ENV_VAR
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
     if name == "auto":
-        return next(entry.make() for entry in _BACKENDS.values()
-                    if entry.automatic(like.device) and entry.unavailable(like.device, like.dtype) is None)
+        return _auto(like)
     if name not in _BACKENDS:
         choices = ", ".join(repr(n) for n in ("auto", *_BACKENDS))
         raise ValueError(f"{source}={name!r} is not a flashcl backend; choose from {choices}")
-    why_not = _BACKENDS[name].unavailable(like.device, like.dtype)
+    entry = _BACKENDS[name]
+    missing = entry.missing()
+    if missing is not None and entry.fallback_if_missing:
+        chosen = _auto(like)
+        warnings.warn(f"flashcl: {source}={name!r} but {missing}; using {chosen.name!r}", RuntimeWarning,
+                      stacklevel=3)
+        return chosen
+    why_not = missing or entry.unavailable(like.device, like.dtype)
     if why_not is not None:
         here = ", ".join(available_backends(like.device, like.dtype))
         raise RuntimeError(
             f"{source}={name!r} cannot run on {like.device.type} {like.dtype} tensors: {why_not}. "
             f"Available for these tensors: {here}"
         )
-    return _BACKENDS[name].make()
+    return entry.make()

@@ -28,6 +28,18 @@ MIN_CHUNK_ROWS = 128
 NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
 
 
+def lse_forward_fake(x, y, scale, rows, cols, exclude_diagonal, deterministic):
+    """The shapes lse_forward returns, for torch.compile's fake tensors."""
+    return (x.new_empty(x.shape[0] if rows else 0, dtype=torch.float32),
+            x.new_empty(y.shape[0] if cols else 0, dtype=torch.float32))
+
+
+def exp_weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
+                               exclude_diagonal, row_start, row_end):
+    """The shape exp_weighted_products returns, for torch.compile's fake tensors."""
+    return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
+
+
 class FusedKernels:
     """Primitives 1 and 2 of DESIGN.md from a kernel family's two operators.
 
@@ -72,9 +84,10 @@ class FusedKernels:
         # product whatever the reduction (a mean over 10^5 rows is below fp16's normal range).
         magnitudes = [t.abs().max() for t in (a, b, positives[1] if positives else None) if t is not None]
         norm = torch.stack(magnitudes).max().clamp_min(torch.finfo(torch.float32).tiny)
-        row_term = None if a is None else (a / norm, o)
-        col_term = None if b is None else (b / norm, p)
-        positives = None if positives is None else (positives[0], positives[1] / norm)
+        # The kernels read these vectors with unit stride.
+        row_term = None if a is None else (a / norm, o.contiguous())
+        col_term = None if b is None else (b / norm, p.contiguous())
+        positives = None if positives is None else (positives[0].contiguous(), positives[1] / norm)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else None
         ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .fused import FusedKernels
+from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,10 +37,7 @@ def lse_forward(x: Tensor, y: Tensor, scale: Tensor, rows: bool, cols: bool,
     return launch(x, y, scale, rows, cols, exclude_diagonal, deterministic)
 
 
-@lse_forward.register_fake
-def _(x, y, scale, rows, cols, exclude_diagonal, deterministic):
-    return (x.new_empty(x.shape[0] if rows else 0, dtype=torch.float32),
-            x.new_empty(y.shape[0] if cols else 0, dtype=torch.float32))
+lse_forward.register_fake(lse_forward_fake)
 
 
 @torch.library.custom_op("flashcl::triton_exp_weighted_products", mutates_args=())
@@ -55,10 +52,7 @@ def exp_weighted_products(
                   positives_by, exclude_diagonal, row_start, row_end)
 
 
-@exp_weighted_products.register_fake
-def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by, exclude_diagonal,
-      row_start, row_end):
-    return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
+exp_weighted_products.register_fake(exp_weighted_products_fake)
 
 
 def make(deterministic: Optional[bool] = None) -> FusedKernels:

@@ -1,49 +1,56 @@
-"""The Triton backend end to end, on CPU tensors through Triton's interpreter (and on CUDA when run there)."""
+"""The compiled backends end to end: Triton (on CPU through Triton's interpreter, on CUDA when run
+there) and the CUDA extension (on a GPU machine where it was built)."""
+import importlib.util
+
 import pytest
 import torch
 
 import flashcl
 import reference
 from conftest import DEVICE, assert_close, check_against_reference, unit_rows
-from flashcl.backends import fused, triton as triton_backend
+from flashcl.backends import cuda as cuda_backend, fused, triton as triton_backend
 from flashcl.primitives import resolve_backend
 
-pytestmark = pytest.mark.skipif("triton" not in flashcl.available_backends(DEVICE),
-                                reason="Triton is not installed or TRITON_INTERPRET is unset")
-
+MAKE = {"triton": triton_backend.make, "cuda": cuda_backend.make}
+COMPILED = [name for name in MAKE if name in flashcl.available_backends(DEVICE)]
+pytestmark = pytest.mark.skipif(not COMPILED, reason="neither Triton nor the CUDA extension can run here")
 HALF_AND_FP32 = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,m,d", [(1, 7, 3), (33, 130, 48), (130, 33, 100)])
-def test_infonce(dtype, n, m, d, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_infonce(backend, dtype, n, m, d, generator):
     queries, keys = unit_rows(n, d, generator), unit_rows(m, d, generator)
     targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
     check_against_reference(flashcl.infonce_loss, reference.infonce, [queries, keys], 100.0, dtype, "mean",
-                            backend="triton", targets=targets)
+                            backend=backend, targets=targets)
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,d", [(7, 3), (130, 48)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_clip(dtype, n, d, reduction, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_clip(backend, dtype, n, d, reduction, generator):
     image = unit_rows(n, d, generator)
     text = unit_rows(n, d, generator, like=image)
     check_against_reference(flashcl.clip_loss, reference.clip, [image, text], 30.0, dtype, reduction,
-                            backend="triton")
+                            backend=backend)
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,d", [(1, 5), (33, 100)])
-def test_nt_xent(dtype, n, d, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_nt_xent(backend, dtype, n, d, generator):
     z1 = unit_rows(n, d, generator)
     z2 = unit_rows(n, d, generator, like=z1)
     check_against_reference(flashcl.nt_xent_loss, reference.nt_xent, [z1, z2], 10.0, dtype, "sum",
-                            backend="triton")
+                            backend=backend)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-def test_strided_inputs(layout, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_strided_inputs(backend, layout, generator):
     base = unit_rows(40, 24, generator)
     image = {"transposed": lambda: base.T.contiguous().T,
              "sliced": lambda: unit_rows(40, 48, generator)[:, ::2],
@@ -51,14 +58,15 @@ def test_strided_inputs(layout, generator):
     text = unit_rows(40, 24, generator, like=base)
     assert not image.is_contiguous()
     check_against_reference(flashcl.clip_loss, reference.clip, [image, text], 10.0, torch.float32, "mean",
-                            backend="triton")
+                            backend=backend)
 
 
-def test_deterministic_mode_is_bit_identical_and_agrees(generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_deterministic_mode_is_bit_identical_and_agrees(backend, generator):
     x, y, s = unit_rows(70, 20, generator), unit_rows(50, 20, generator), torch.tensor(20.0, device=DEVICE)
     exact = resolve_backend("torch", x)
-    deterministic = triton_backend.make(deterministic=True)
-    merged = triton_backend.make(deterministic=False)
+    deterministic = MAKE[backend](deterministic=True)
+    merged = MAKE[backend](deterministic=False)
     first, second = deterministic.lse(x, y, s, rows=True, cols=True), deterministic.lse(x, y, s, rows=True, cols=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     want = exact.lse(x, y, s, rows=True, cols=True)
@@ -70,31 +78,34 @@ def test_deterministic_mode_is_bit_identical_and_agrees(generator):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_deterministic_follows_torch_setting():
+@pytest.mark.parametrize("backend", COMPILED)
+def test_deterministic_follows_torch_setting(backend):
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert triton_backend.make().deterministic
+        assert MAKE[backend]().deterministic
         torch.use_deterministic_algorithms(False)
-        assert not triton_backend.make().deterministic
+        assert not MAKE[backend]().deterministic
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def test_large_chunked_backward_matches(generator, monkeypatch):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_large_chunked_backward_matches(backend, generator, monkeypatch):
     """Rows beyond one scratch chunk: the chunk loop must cover every row exactly once."""
     monkeypatch.setattr(fused, "SCRATCH_BYTES", 4 * 16 * 128)  # 128-row chunks at D = 16
     x, y, s = unit_rows(300, 16, generator), unit_rows(290, 16, generator), torch.tensor(5.0, device=DEVICE)
     rows, cols = reference.lse(x.double(), y.double(), s.double())
     a, b = torch.randn(300, generator=generator, device=DEVICE), torch.randn(290, generator=generator, device=DEVICE)
     terms = dict(a=a, o=rows.float(), b=b, p=cols.float())
-    got = resolve_backend("triton", x).exp_weighted_grad(x, y, s, **terms, need_ds=True)
+    got = resolve_backend(backend, x).exp_weighted_grad(x, y, s, **terms, need_ds=True)
     want = reference.exp_weighted_grad(x, y, s, **terms)
     for name, g, w in zip(("dx", "dy", "ds"), got, want):
         assert_close(g, w, torch.float32, name, magnitude=10 * float(a.abs().max() + b.abs().max()))
 
 
-def test_unavailable_reasons(monkeypatch):
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_unavailable_reasons(monkeypatch):
     assert "float16, bfloat16 or float32" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float64)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on cpu torch.float64 tensors: .*"
                                            r"Available for these tensors: torch"):
@@ -104,5 +115,5 @@ def test_unavailable_reasons(monkeypatch):
     assert "need CUDA tensors" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float32)
 
 
-def test_auto_does_not_pick_the_interpreter():
+def test_auto_does_not_pick_the_triton_interpreter():
     assert resolve_backend("auto", torch.randn(2, 2, device="cpu")).name == "torch"

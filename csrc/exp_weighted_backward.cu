@@ -1,0 +1,125 @@
+// Primitive 2: rows [row_start, row_end) of G @ b, with S = scale * a @ b.T recomputed tile by tile and
+//   G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + the positive pairs' coefficients.
+//
+// A block owns 64 rows of the fp32 output and sweeps every column block: S tile, then the
+// G tile in shared memory (in the input dtype for the tensor-core product), then G @ b[cols]
+// added into its rows of the output 32 columns of D at a time. No two blocks write the same
+// row: no atomics, bit-identical results run to run. dx is this kernel on (x, y); dy the
+// same kernel on (y, x) with the row and column terms swapped.
+#include "launchers.h"
+#include "tile.cuh"
+
+namespace flashcl {
+namespace {
+
+// G lives in its own tile in the input dtype for the tensor-core product; for fp32 it
+// overwrites S in place, which keeps the block within 48 KB of static shared memory.
+template <typename T, bool = kTensorCores<T>>
+struct BackwardBuffers {
+  TileBuffers<T> tile;
+  alignas(32) T g[kBlockR][kBlockC + kPadT];
+  alignas(32) float out[kBlockR][kBlockD + kPadF];
+  __device__ T (*g_rows())[kBlockC + kPadT] { return g; }
+};
+
+template <typename T>
+struct BackwardBuffers<T, false> {
+  TileBuffers<T> tile;
+  alignas(32) float out[kBlockR][kBlockD + kPadF];
+  __device__ float (*g_rows())[kBlockC + kPadF] { return tile.s; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<T> a, Matrix<T> b, int64_t dim,
+                                                                         ProductTerms terms, float* out,
+                                                                         int64_t row_start, int64_t row_end) {
+  __shared__ BackwardBuffers<T> buf;
+  const float scale = *terms.scale;
+  const int64_t row0 = row_start + static_cast<int64_t>(blockIdx.x) * kBlockR;
+  Matrix<T> rows = a;
+  rows.rows = row_end;  // rows past the chunk are padding
+  const int64_t n_col_blocks = (b.rows + kBlockC - 1) / kBlockC;
+  auto g_tile = buf.g_rows();
+
+  for (int64_t col_block = 0; col_block < n_col_blocks; ++col_block) {
+    const int64_t col0 = col_block * kBlockC;
+    scaled_logit_tile(buf.tile, rows, b, row0, col0, dim, scale);
+    for (int e = threadIdx.x; e < kBlockR * kBlockC; e += kThreads) {
+      const int r = e / kBlockC, c = e % kBlockC;
+      const int64_t i = row0 + r, j = col0 + c;
+      float g = 0.0f;
+      if (i < row_end && j < b.rows) {
+        const float s = buf.tile.s[r][c];
+        // An excluded diagonal entry may overflow exp: skip it rather than multiply by zero.
+        if (!(terms.exclude_diagonal && i == j)) {
+          if (terms.row_w) g += terms.row_w[i] * __expf(s - terms.row_off[i]);
+          if (terms.col_w) g += terms.col_w[j] * __expf(s - terms.col_off[j]);
+        }
+        if (terms.positives_by == kPositivesByRow && terms.pos_index[i] == j) g += terms.pos_coeff[i];
+        if (terms.positives_by == kPositivesByColumn && terms.pos_index[j] == i) g += terms.pos_coeff[j];
+      }
+      g_tile[r][c] = from_float<T>(g);
+    }
+    __syncthreads();
+
+    for (int64_t d0 = 0; d0 < dim; d0 += kBlockD) {
+      stage<T, kBlockC>(buf.tile.b, b, col0, d0, dim);
+      __syncthreads();
+      if constexpr (kTensorCores<T>) {
+        using namespace nvcuda;
+        const int warp = threadIdx.x / 32, warp_r = (warp / 2) * 32, warp_d = (warp % 2) * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+        for (int i = 0; i < 2; ++i) wmma::fill_fragment(acc[i], 0.0f);
+        for (int k = 0; k < kBlockC; k += 16) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fb, &buf.tile.b[k][warp_d], kBlockD + kPadT);
+          for (int i = 0; i < 2; ++i) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fg;
+            wmma::load_matrix_sync(fg, &g_tile[warp_r + 16 * i][k], kBlockC + kPadT);
+            wmma::mma_sync(acc[i], fg, fb, acc[i]);
+          }
+        }
+        for (int i = 0; i < 2; ++i)
+          wmma::store_matrix_sync(&buf.out[warp_r + 16 * i][warp_d], acc[i], kBlockD + kPadF, wmma::mem_row_major);
+      } else {
+        const int r0 = (threadIdx.x / 16) * 8, c0 = (threadIdx.x % 16) * 2;
+        float acc[8][2] = {};
+        for (int k = 0; k < kBlockC; ++k)
+          for (int i = 0; i < 8; ++i)
+            for (int j = 0; j < 2; ++j) acc[i][j] = fmaf(g_tile[r0 + i][k], buf.tile.b[k][c0 + j], acc[i][j]);
+        for (int i = 0; i < 8; ++i)
+          for (int j = 0; j < 2; ++j) buf.out[r0 + i][c0 + j] = acc[i][j];
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < kBlockR * kBlockD; e += kThreads) {
+        const int r = e / kBlockD, k = e % kBlockD;
+        const int64_t i = row0 + r, d = d0 + k;
+        if (i < row_end && d < dim) out[(i - row_start) * dim + d] += buf.out[r][k];
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(const ProductArgs& args, cudaStream_t stream) {
+  const Matrix<T> a{static_cast<const T*>(args.a), args.n_rows, args.a_row_stride, args.a_col_stride};
+  const Matrix<T> b{static_cast<const T*>(args.b), args.n_cols, args.b_row_stride, args.b_col_stride};
+  const dim3 grid(static_cast<unsigned>((args.row_end - args.row_start + kBlockR - 1) / kBlockR));
+  exp_weighted_products_kernel<T><<<grid, kThreads, 0, stream>>>(a, b, args.dim, args.terms, args.out,
+                                                                  args.row_start, args.row_end);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_exp_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return launch<float>(args, stream);
+    case DType::kFloat16: return launch<__half>(args, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace flashcl

@@ -1,0 +1,51 @@
+// The kernels' launchers, in plain C++ types: the .cu files need no torch headers, which
+// keeps them quick to compile; ops.cpp turns tensors into these structs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flashcl {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+constexpr int64_t kNoPositives = 0, kPositivesByRow = 1, kPositivesByColumn = 2;
+constexpr int64_t kColumnBlock = 64;  // the kernels' column tile; one lock per column block
+
+struct LseForwardArgs {
+  const void *a, *b;  // (n_rows, dim) and (n_cols, dim), any strides, the same dtype
+  int64_t n_rows, n_cols, dim;
+  int64_t a_row_stride, a_col_stride, b_row_stride, b_col_stride;
+  const float* scale;  // device scalar
+  float* row_lse;      // (n_rows,)
+  float *col_max, *col_sum;  // (n_cols,), zeroed; used when merge_columns
+  int* locks;                // (ceil(n_cols / kColumnBlock),), zeroed; used when merge_columns
+  bool exclude_diagonal, merge_columns;
+};
+
+// G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + positives; null pointers
+// switch a term off. Positives by row: row r's positive is column pos_index[r], coefficient
+// pos_coeff[r]; by column: column c's positive is row pos_index[c], coefficient pos_coeff[c].
+struct ProductTerms {
+  const float* scale;
+  const float *row_w, *row_off, *col_w, *col_off;
+  const int64_t* pos_index;
+  const float* pos_coeff;
+  int64_t positives_by;
+  bool exclude_diagonal;
+};
+
+struct ProductArgs {
+  const void *a, *b;
+  int64_t n_rows, n_cols, dim;
+  int64_t a_row_stride, a_col_stride, b_row_stride, b_col_stride;
+  ProductTerms terms;
+  float* out;  // (row_end - row_start, dim), contiguous, zeroed
+  int64_t row_start, row_end;
+};
+
+cudaError_t launch_lse_forward(const LseForwardArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t launch_exp_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream);
+
+}  // namespace flashcl

@@ -1,0 +1,150 @@
+// The CUDA backend's operators, torch.ops.flashcl.lse_forward and exp_weighted_products: argument
+// checks (a bad argument is a Python exception here, never a device-side assert), dtype
+// dispatch and registration. Their fake (meta) implementations live in flashcl/backends/cuda.py.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace flashcl {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "flashcl CUDA kernels take float16, bfloat16 or float32 features, got ", t.scalar_type());
+  }
+}
+
+void check_pair(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda(), "flashcl CUDA kernels need CUDA tensors, got ", a.device(), " and ",
+              b.device());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "features must be 2-D (rows, dim), got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) > 0 && b.size(0) > 0 && a.size(1) > 0, "features must be non-empty, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(1), "features must share their dim, got ", a.size(1), " and ", b.size(1));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "features must share a dtype, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "features must be on one device, got ", a.device(), " and ", b.device());
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device() == a.device(),
+              "scale must be a float32 scalar on ", a.device(), ", got ", scale.scalar_type(), " ", scale.sizes(),
+              " on ", scale.device());
+  dtype_of(a);
+}
+
+// A per-row vector: absent, or (length,) contiguous of the given dtype on the features' device.
+const void* vector_or_null(const char* name, const std::optional<at::Tensor>& v, int64_t length,
+                           at::ScalarType dtype, const at::Tensor& like) {
+  if (!v.has_value()) return nullptr;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == length, name, " must have shape (", length, ",), got ", v->sizes());
+  TORCH_CHECK(v->scalar_type() == dtype, name, " must be ", dtype, ", got ", v->scalar_type());
+  TORCH_CHECK(v->device() == like.device(), name, " must be on ", like.device(), ", got ", v->device());
+  TORCH_CHECK(v->is_contiguous(), name, " must be contiguous");
+  return v->data_ptr();
+}
+
+void check_launch(cudaError_t error, const char* kernel) {
+  TORCH_CHECK(error == cudaSuccess, "flashcl ", kernel, " failed to launch: ", cudaGetErrorString(error));
+}
+
+at::Tensor row_lse(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, bool exclude_diagonal,
+                   at::Tensor* col_max = nullptr, at::Tensor* col_sum = nullptr) {
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({a.size(0)}, f32);
+  at::Tensor locks;
+  const bool merge = col_max != nullptr;
+  if (merge) {
+    *col_max = at::zeros({b.size(0)}, f32);
+    *col_sum = at::zeros({b.size(0)}, f32);
+    locks = at::zeros({(b.size(0) + kColumnBlock - 1) / kColumnBlock}, a.options().dtype(at::kInt));
+  }
+  LseForwardArgs args{a.data_ptr(), b.data_ptr(), a.size(0), b.size(0), a.size(1), a.stride(0), a.stride(1),
+                      b.stride(0), b.stride(1), scale.data_ptr<float>(), lse.data_ptr<float>(),
+                      merge ? col_max->data_ptr<float>() : nullptr, merge ? col_sum->data_ptr<float>() : nullptr,
+                      merge ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge};
+  check_launch(launch_lse_forward(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "lse_forward");
+  return lse;
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                                               bool rows, bool cols, bool exclude_diagonal, bool deterministic) {
+  check_pair(x, y, scale);
+  TORCH_CHECK(!exclude_diagonal || x.size(0) == y.size(0),
+              "exclude_diagonal needs as many rows as columns, got ", x.size(0), " and ", y.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
+  if (rows && cols && !deterministic) {
+    at::Tensor col_max, col_sum;
+    at::Tensor r = row_lse(x, y, scale, exclude_diagonal, &col_max, &col_sum);
+    return {r, at::log(col_sum).add_(col_max)};
+  }
+  return {rows ? row_lse(x, y, scale, exclude_diagonal) : empty,
+          cols ? row_lse(y, x, scale, exclude_diagonal) : empty};
+}
+
+at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& row_w, const std::optional<at::Tensor>& row_off,
+                                 const std::optional<at::Tensor>& col_w, const std::optional<at::Tensor>& col_off,
+                                 const std::optional<at::Tensor>& pos_index,
+                                 const std::optional<at::Tensor>& pos_coeff, int64_t positives_by,
+                                 bool exclude_diagonal, int64_t row_start, int64_t row_end) {
+  check_pair(a, b, scale);
+  const int64_t n = a.size(0), m = b.size(0);
+  TORCH_CHECK(0 <= row_start && row_start < row_end && row_end <= n, "rows [", row_start, ", ", row_end,
+              ") must lie in [0, ", n, ")");
+  TORCH_CHECK(row_w.has_value() == row_off.has_value() && col_w.has_value() == col_off.has_value(),
+              "each exp term needs both its weights and its offsets");
+  TORCH_CHECK(!exclude_diagonal || n == m, "exclude_diagonal needs as many rows as columns, got ", n, " and ", m);
+  TORCH_CHECK(positives_by == kNoPositives || positives_by == kPositivesByRow || positives_by == kPositivesByColumn,
+              "positives_by must be 0 (none), 1 (by row) or 2 (by column), got ", positives_by);
+  TORCH_CHECK((positives_by != kNoPositives) == (pos_index.has_value() && pos_coeff.has_value()),
+              "positives_by=", positives_by, " needs pos_index and pos_coeff exactly when it is not 0");
+  const int64_t positives_length = positives_by == kPositivesByColumn ? m : n;
+  ProductTerms terms{scale.data_ptr<float>(),
+                     static_cast<const float*>(vector_or_null("row_w", row_w, n, at::kFloat, a)),
+                     static_cast<const float*>(vector_or_null("row_off", row_off, n, at::kFloat, a)),
+                     static_cast<const float*>(vector_or_null("col_w", col_w, m, at::kFloat, a)),
+                     static_cast<const float*>(vector_or_null("col_off", col_off, m, at::kFloat, a)),
+                     static_cast<const int64_t*>(vector_or_null("pos_index", pos_index, positives_length, at::kLong, a)),
+                     static_cast<const float*>(vector_or_null("pos_coeff", pos_coeff, positives_length, at::kFloat, a)),
+                     positives_by, exclude_diagonal};
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::zeros({row_end - row_start, a.size(1)}, a.options().dtype(at::kFloat));
+  ProductArgs args{a.data_ptr(), b.data_ptr(), n, m, a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                   terms, out.data_ptr<float>(), row_start, row_end};
+  check_launch(launch_exp_weighted_products(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()),
+               "exp_weighted_products");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flashcl, m) {
+  m.def("lse_forward(Tensor x, Tensor y, Tensor scale, bool rows, bool cols, bool exclude_diagonal, "
+        "bool deterministic) -> (Tensor, Tensor)");
+  m.def("exp_weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
+        "Tensor? col_w, Tensor? col_off, Tensor? pos_index, Tensor? pos_coeff, int positives_by, "
+        "bool exclude_diagonal, int row_start, int row_end) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flashcl, CUDA, m) {
+  m.impl("lse_forward", &lse_forward);
+  m.impl("exp_weighted_products", &exp_weighted_products);
+}
+
+}  // namespace flashcl
+
+// `import flashcl._C` loads this library, whose static initializers register the operators.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "flashcl's CUDA kernels, as torch.ops.flashcl.*", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,118 @@
+// Tiles of S = scale * a @ b.T in shared memory: what both kernels compute first.
+//
+// A block of 128 threads owns a 64 x 64 tile of S. It walks D in steps of 32, staging
+// a[rows, d:d+32] and b[cols, d:d+32] in shared memory (any strides, zero outside the
+// matrices), and multiplies them: bf16/fp16 through WMMA tensor-core fragments with fp32
+// accumulation (4 warps, each a 32 x 32 quarter), fp32 with exact fp32 FMAs. The scaled
+// tile lands in shared memory as fp32 for the element-wise epilogues.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace flashcl {
+
+constexpr int kThreads = 128;
+constexpr int kBlockR = 64;
+constexpr int kBlockC = 64;
+constexpr int kBlockD = 32;
+constexpr int kPadT = 8;   // keeps WMMA leading dimensions multiples of 8 elements
+constexpr int kPadF = 4;   // and of 4 for fp32
+
+template <typename T>
+constexpr bool kTensorCores = !std::is_same<T, float>::value;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
+
+// A strided matrix: element (i, d) at data[i * row_stride + d * col_stride], rows [0, rows).
+template <typename T>
+struct Matrix {
+  const T* data;
+  int64_t rows, row_stride, col_stride;
+};
+
+template <typename T>
+struct TileBuffers {
+  alignas(32) T a[kBlockR][kBlockD + kPadT];
+  alignas(32) T b[kBlockC][kBlockD + kPadT];
+  alignas(32) float s[kBlockR][kBlockC + kPadF];
+};
+
+// Copies rows [first, first + R) and columns [d0, d0 + kBlockD) of m into dst, zero-padded.
+template <typename T, int R>
+__device__ __forceinline__ void stage(T (*dst)[kBlockD + kPadT], const Matrix<T>& m, int64_t first, int64_t d0,
+                                     int64_t dim) {
+  for (int e = threadIdx.x; e < R * kBlockD; e += kThreads) {
+    const int r = e / kBlockD, k = e % kBlockD;
+    const int64_t i = first + r, d = d0 + k;
+    dst[r][k] = (i < m.rows && d < dim) ? m.data[i * m.row_stride + d * m.col_stride] : from_float<T>(0.0f);
+  }
+}
+
+// tile.s = scale * a[row0 : row0 + 64] @ b[col0 : col0 + 64].T
+template <typename T>
+__device__ void scaled_logit_tile(TileBuffers<T>& tile, const Matrix<T>& a, const Matrix<T>& b, int64_t row0,
+                                  int64_t col0, int64_t dim, float scale) {
+  if constexpr (kTensorCores<T>) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32, warp_r = (warp / 2) * 32, warp_c = (warp % 2) * 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t d0 = 0; d0 < dim; d0 += kBlockD) {
+      stage<T, kBlockR>(tile.a, a, row0, d0, dim);
+      stage<T, kBlockC>(tile.b, b, col0, d0, dim);
+      __syncthreads();
+      for (int k = 0; k < kBlockD; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];  // b's rows are S's columns
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &tile.a[warp_r + 16 * i][k], kBlockD + kPadT);
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &tile.b[warp_c + 16 * j][k], kBlockD + kPadT);
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) {
+        for (int e = 0; e < acc[i][j].num_elements; ++e) acc[i][j].x[e] *= scale;
+        wmma::store_matrix_sync(&tile.s[warp_r + 16 * i][warp_c + 16 * j], acc[i][j], kBlockC + kPadF,
+                                wmma::mem_row_major);
+      }
+  } else {
+    // fp32: each thread an 8 x 4 block of the tile, exact FMAs (never tf32).
+    const int r0 = (threadIdx.x / 16) * 8, c0 = (threadIdx.x % 16) * 4;
+    float acc[8][4] = {};
+    for (int64_t d0 = 0; d0 < dim; d0 += kBlockD) {
+      stage<T, kBlockR>(tile.a, a, row0, d0, dim);
+      stage<T, kBlockC>(tile.b, b, col0, d0, dim);
+      __syncthreads();
+      for (int k = 0; k < kBlockD; ++k)
+        for (int i = 0; i < 8; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(tile.a[r0 + i][k], tile.b[c0 + j][k], acc[i][j]);
+      __syncthreads();
+    }
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) tile.s[r0 + i][c0 + j] = acc[i][j] * scale;
+  }
+  __syncthreads();
+}
+
+}  // namespace flashcl

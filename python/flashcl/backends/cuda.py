@@ -1,0 +1,44 @@
+"""The CUDA C++ backend: the operators of the compiled extension flashcl._C (csrc/).
+
+Built by `FLASHCL_BUILD_CUDA=1 pip install --no-build-isolation .`; inputs fp16, bf16 or
+fp32 on CUDA; composed into the primitives exactly as the Triton kernels are.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BUILD_HINT = "build it with FLASHCL_BUILD_CUDA=1 pip install --no-build-isolation ."
+
+
+@functools.cache
+def extension_error() -> Optional[str]:
+    """Why flashcl._C cannot be used here, or None once it is loaded (which registers its operators)."""
+    try:
+        import flashcl._C  # noqa: F401
+    except ImportError as error:  # never built, or built against another torch (undefined symbols)
+        return f"the CUDA extension flashcl._C is not importable ({error}); {BUILD_HINT}"
+    torch.library.register_fake("flashcl::lse_forward")(lse_forward_fake)
+    torch.library.register_fake("flashcl::exp_weighted_products")(exp_weighted_products_fake)
+    return None
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cuda":
+        return "the CUDA kernels need CUDA tensors"
+    if dtype not in DTYPES:
+        return "the CUDA kernels take float16, bfloat16 or float32 inputs"
+    return None
+
+
+def make(deterministic: Optional[bool] = None) -> FusedKernels:
+    error = extension_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return FusedKernels("cuda", torch.ops.flashcl.lse_forward, torch.ops.flashcl.exp_weighted_products,
+                        deterministic)

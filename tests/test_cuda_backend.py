@@ -1,0 +1,150 @@
+"""The CUDA C++ backend on a machine without a GPU: the build switch, the fallback when the
+extension is missing or broken, and, where it was built, its registered operators and their
+fake implementations. Its numerics run in the primitive and loss suites on a GPU machine.
+
+FLASHCL_REQUIRE_CUDA_EXTENSION=1 (CI's CUDA build step) turns "not built here" skips into failures.
+"""
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashcl
+from flashcl import primitives
+from flashcl.backends import cuda as cuda_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    """setup.py as a module: setup() only runs under __main__, as pip runs it."""
+    spec = importlib.util.spec_from_file_location("flashcl_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_built() -> bool:
+    return cuda_backend.extension_error() is None
+
+
+requires_extension = pytest.mark.skipif(
+    not extension_built() and os.environ.get("FLASHCL_REQUIRE_CUDA_EXTENSION") != "1",
+    reason="flashcl._C was not built in this environment")
+
+
+@pytest.mark.parametrize("mode,facts,build,says", [
+    ("auto", ("2.14.1+cu130", "13.0", "/usr/local/cuda"), True, "building the CUDA extension for torch 2.14.1"),
+    ("1", ("2.14.1+cu130", "13.0", "/usr/local/cuda"), True, "building the CUDA extension"),
+    ("auto", (None, None, None), False, "torch is not importable in the build environment .*--no-build-isolation"),
+    ("auto", ("2.13.0+cpu", None, None), False, "torch 2.13.0\\+cpu is a CPU build"),
+    ("auto", ("2.14.1+cu130", "13.0", None), False, "no CUDA toolkit found \\(set CUDA_HOME\\)"),
+    ("0", ("2.14.1+cu130", "13.0", "/usr/local/cuda"), False, "FLASHCL_BUILD_CUDA=0"),
+])
+def test_build_plan(setup_module, mode, facts, build, says):
+    decision, line = setup_module.cuda_build_plan(mode, *facts)
+    assert decision is build
+    assert line.startswith("flashcl: ") and "\n" not in line
+    assert pytest.importorskip("re").search(says, line)
+
+
+@pytest.mark.parametrize("mode,facts,says", [
+    ("1", (None, None, None), "FLASHCL_BUILD_CUDA=1 but torch is not importable"),
+    ("1", ("2.13.0+cpu", None, None), "FLASHCL_BUILD_CUDA=1 but torch 2.13.0\\+cpu is a CPU build"),
+    ("yes", ("2.14.1+cu130", "13.0", "/usr/local/cuda"), "FLASHCL_BUILD_CUDA must be auto, 0 or 1, got 'yes'"),
+])
+def test_build_plan_refuses(setup_module, mode, facts, says):
+    with pytest.raises(SystemExit, match=says):
+        setup_module.cuda_build_plan(mode, *facts)
+
+
+@pytest.fixture
+def broken_extension(monkeypatch):
+    """flashcl._C as if its import failed (never built, or built against another torch)."""
+    cuda_backend.extension_error.cache_clear()
+    monkeypatch.setitem(sys.modules, "flashcl._C", None)  # makes `import flashcl._C` raise ImportError
+    yield
+    cuda_backend.extension_error.cache_clear()
+
+
+def test_missing_extension_is_reported(broken_extension):
+    assert "flashcl._C is not importable" in cuda_backend.extension_error()
+    assert "pip install --no-build-isolation" in cuda_backend.extension_error()
+    assert "cuda" not in flashcl.available_backends("cuda", torch.bfloat16)
+
+
+def test_asking_for_missing_extension_warns_once_and_falls_back(broken_extension):
+    x, y = torch.randn(6, 4, device="cpu"), torch.randn(6, 4, device="cpu")
+    with pytest.warns(RuntimeWarning, match=r"^flashcl: backend='cuda' but the CUDA extension flashcl._C is not "
+                                            r"importable .*; using 'torch'$"):
+        loss = flashcl.clip_loss(x, y, 3.0, backend="cuda")
+    torch.testing.assert_close(loss, flashcl.clip_loss(x, y, 3.0, backend="torch"))
+
+
+def test_env_var_asking_for_missing_extension_falls_back(broken_extension, monkeypatch):
+    monkeypatch.setenv(primitives.ENV_VAR, "cuda")
+    with pytest.warns(RuntimeWarning, match=r"^flashcl: FLASHCL_BACKEND='cuda' but"):
+        flashcl.infonce_loss(torch.randn(3, 2, device="cpu"), torch.randn(3, 2, device="cpu"), 1.0)
+
+
+def test_auto_never_warns_about_the_extension(broken_extension):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flashcl.clip_loss(torch.randn(3, 2, device="cpu"), torch.randn(3, 2, device="cpu"), 1.0)
+
+
+@requires_extension
+def test_operators_registered():
+    assert extension_built(), cuda_backend.extension_error()
+    assert "cuda" in flashcl.available_backends("cuda", torch.bfloat16)
+    schema = str(torch.ops.flashcl.lse_forward.default._schema)
+    assert schema.startswith("flashcl::lse_forward(Tensor x, Tensor y, Tensor scale, bool rows, bool cols")
+    assert "Tensor? pos_index" in str(torch.ops.flashcl.exp_weighted_products.default._schema)
+
+
+@requires_extension
+def test_cpu_tensors_are_an_error_not_a_fallback():
+    """Built but given CPU tensors: the user's mistake, said plainly."""
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu torch.float32 tensors: "
+                                           r"the CUDA kernels need CUDA tensors"):
+        flashcl.clip_loss(torch.randn(3, 2, device="cpu"), torch.randn(3, 2, device="cpu"), 1.0, backend="cuda")
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fake_implementations_give_the_shapes(dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(10, 8, device="cuda", dtype=dtype)
+        y = torch.empty(7, 8, device="cuda", dtype=dtype)
+        s = torch.empty((), device="cuda")
+        rows, cols = torch.ops.flashcl.lse_forward(x, y, s, True, False, False, False)
+        assert (rows.shape, cols.shape, rows.dtype, rows.device.type) == ((10,), (0,), torch.float32, "cuda")
+        out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 2, 9)
+        assert (out.shape, out.dtype) == ((7, 8), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not extension_built(), reason="needs a GPU and flashcl._C")
+@pytest.mark.parametrize("call,message", [
+    (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s.double(), True, False, False, False),
+     "scale must be a float32 scalar"),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x, x[:3], s, True, False, True, False),
+     "exclude_diagonal needs as many rows as columns, got 5 and 3"),
+    (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, None, None, None, None, None, None, 0, False, 4, 9),
+     r"rows \[4, 9\) must lie in \[0, 5\)"),
+    (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, torch.ones(4, device="cuda"), torch.ones(4, device="cuda"),
+                                                          None, None, None, None, 0, False, 0, 5),
+     r"row_w must have shape \(5,\), got \[4\]"),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x.double(), x.double(), s, True, False, False, False),
+     "float16, bfloat16 or float32 features"),
+])
+def test_kernel_arguments_are_checked(call, message):
+    x, s = torch.randn(5, 4, device="cuda"), torch.tensor(2.0, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        call(x, s)
