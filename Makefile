@@ -10,7 +10,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py $(shell find python -name "*.py")
 
-.PHONY: test bench clean
+# The CUDA extension is compiled (not run) in CI against a CUDA build of torch: no GPU needed.
+CUDA_TORCH ?= torch==2.14.1
+CUDA_VENV ?= .venv-cuda
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHS ?= 8.0;9.0
+
+.PHONY: test bench cuda-build-check clean
 
 test: $(VENV)/.flashcl
 	FLASHCL_REQUIRE_PEERS=1 $(PY) -m pytest -q
@@ -31,5 +37,18 @@ $(VENV)/.flashcl: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 	touch $@
 
+# Builds flashcl._C and checks its operators register, so a C++ error can never land.
+cuda-build-check: $(CUDA_VENV)/.deps
+	@test -x "$(CUDA_HOME)/bin/nvcc" || { echo "no nvcc at $(CUDA_HOME)/bin/nvcc; set CUDA_HOME"; exit 1; }
+	rm -rf build
+	FLASHCL_BUILD_CUDA=1 CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+		$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+	FLASHCL_REQUIRE_CUDA_EXTENSION=1 $(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_backend.py tests/test_dispatch.py
+
+$(CUDA_VENV)/.deps:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" "numpy<3" "pytest>=7" setuptools wheel
+	touch $@
+
 clean:
-	rm -rf $(VENV) build python/*.egg-info
+	rm -rf $(VENV) $(CUDA_VENV) build python/*.egg-info
