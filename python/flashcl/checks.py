@@ -104,3 +104,21 @@ def check_targets(targets: Optional[Tensor], n: int, m: int, like: Tensor) -> Te
         if low < 0 or high >= m:
             raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")
     return targets.long()
+
+
+def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> Tensor:
+    """Per-anchor log u: shape (n,), floating, on like's device, never NaN or +inf (log 0 = -inf is u = 0).
+
+    Returned detached in the statistics dtype: the weights carry no gradient.
+    """
+    if not isinstance(log_weights, Tensor) or not log_weights.is_floating_point():
+        what = log_weights.dtype if isinstance(log_weights, Tensor) else type(log_weights).__name__
+        raise TypeError(f"{name} must be a floating-point tensor of shape ({n},), got {what}")
+    if log_weights.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one log-weight per anchor), got {tuple(log_weights.shape)}")
+    if log_weights.device != like.device:
+        raise ValueError(f"{name} is on {log_weights.device} but the features are on {like.device}")
+    if not torch.compiler.is_compiling() and bool(torch.isnan(log_weights).any() | (log_weights == math.inf).any()):
+        raise ValueError(f"{name} must not hold NaN or +inf (a weight u = exp(log u) must be finite)")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return log_weights.detach().to(dtype)

@@ -1,30 +1,34 @@
-"""InfoNCE, CLIP and NT-Xent as one autograd Function over the two primitives.
+"""InfoNCE, CLIP, NT-Xent and the gamma-weighted loss as one autograd Function over the two primitives.
 
-With S = s * x @ y.T, r = row log-sum-exp, c = column log-sum-exp and t_i the column
-of row i's positive, the per-anchor loss is
+With S = s * x @ y.T, r = row log-sum-exp, c = column log-sum-exp, t_i the column of row
+i's positive and K the number of terms in a row's denominator, the per-anchor loss of
+one direction is
 
-    one-directional (InfoNCE, NT-Xent):  l_i = r_i - S_{i,t_i}
-    symmetric (CLIP, t_i = i):           l_i = 1/2 (r_i - S_ii) + 1/2 (c_i - S_ii)
+    InfoNCE:        l_i = r_i - S_{i,t_i}                                (backward offset o_i = r_i)
+    gamma-weighted: l_i = u_i exp(r_i - log K) - S_{i,t_i}               (backward offset o_i = log K - log u_i)
 
-and dl_i/dS_ij is a softmax minus the positive's indicator. With w_i = dL/dl_i the
-backward is primitive 2 with a = w (or w/2), o = r, b = w/2, p = c and the sparse
-positive term -w_i at (i, t_i). Forward saves the inputs and O(N + M) statistics.
+(the second is -S_{i,t_i} + u_i * mean_j exp(S_ij), linear in the denominator, for weights
+u_i that carry no gradient). A symmetric loss (CLIP, t_i = i) averages the row direction
+and the same over columns. In both forms d l_i / d S_ij = exp(S_ij - o_i) - [j == t_i], so
+the backward is primitive 2 with a = w (or w/2), the offsets above, and the sparse positive
+term -w_i at (i, t_i), where w_i = dL/dl_i. Forward saves the inputs and O(N + M) vectors.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .checks import as_scale, check_pair, check_reduction, check_targets
+from .checks import as_scale, check_log_weights, check_pair, check_reduction, check_targets
 from .primitives import resolve_backend
 
 POSITIVE_CHUNK_ELEMENTS = 2**20
 
 
-def _positive_logits(x: Tensor, y: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+def positive_logits(x: Tensor, y: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
     """S_{i,t_i} = s * x_i . y_{t_i} in the statistics dtype, a chunk of rows at a time."""
     dtype = scale.dtype
     out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
@@ -52,34 +56,56 @@ def _anchor_weights(grad: Tensor, reduction: str, n: int) -> Tensor:
     return grad
 
 
+def _direction(lse: Tensor, positive: Tensor, log_weights: Optional[Tensor], count: int):
+    """(per-anchor loss, backward offset) of one direction: InfoNCE, or the gamma-weighted sub-loss."""
+    if log_weights is None:
+        return lse - positive, lse
+    return torch.exp(log_weights + lse - math.log(count)) - positive, math.log(count) - log_weights
+
+
 class ContrastiveLoss(torch.autograd.Function):
-    """The per-anchor losses above, reduced. y=None means y is x (NT-Xent's self-similarity)."""
+    """Returns (reduced loss, row LSE, column LSE or None); the LSEs carry no gradient.
+
+    y=None means y is x (NT-Xent's self-similarity). log_weights = (row log u, column log u or
+    None) selects the gamma-weighted form. statistics = (row LSE, column LSE, positive logits)
+    of these very inputs, when the caller computed them already (GammaContrastiveLoss does,
+    to update its state before it samples the weights).
+    """
 
     @staticmethod
-    def forward(ctx, x, y, scale, targets, symmetric, exclude_diagonal, reduction, backend):
+    def forward(ctx, x, y, scale, targets, log_weights, statistics, symmetric, exclude_diagonal, reduction,
+                backend):
         keys = x if y is None else y
-        row_lse, col_lse = backend.lse(x, keys, scale, rows=True, cols=symmetric,
-                                       exclude_diagonal=exclude_diagonal)
-        positive = _positive_logits(x, keys, targets, scale)
-        losses = row_lse - positive
+        if statistics is None:
+            row_lse, col_lse = backend.lse(x, keys, scale, rows=True, cols=symmetric,
+                                           exclude_diagonal=exclude_diagonal)
+            positive = positive_logits(x, keys, targets, scale)
+        else:
+            row_lse, col_lse, positive = statistics
+        row_log_u, col_log_u = log_weights if log_weights is not None else (None, None)
+        excluded = 1 if exclude_diagonal else 0
+        losses, row_offset = _direction(row_lse, positive, row_log_u, keys.shape[0] - excluded)
+        col_offset = None
         if symmetric:
-            losses = 0.5 * (losses + (col_lse - positive))
-        ctx.save_for_backward(x, y, scale, targets, row_lse, col_lse)
+            col_losses, col_offset = _direction(col_lse, positive, col_log_u, x.shape[0] - excluded)
+            losses = 0.5 * (losses + col_losses)
+        ctx.save_for_backward(x, y, scale, targets, row_offset, col_offset)
         ctx.symmetric, ctx.exclude_diagonal = symmetric, exclude_diagonal
         ctx.reduction, ctx.backend = reduction, backend
-        return _reduce(losses, reduction)
+        ctx.mark_non_differentiable(*(t for t in (row_lse, col_lse) if t is not None))
+        return _reduce(losses, reduction), row_lse, col_lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        x, y, scale, targets, row_lse, col_lse = ctx.saved_tensors
+    def backward(ctx, grad, _row_lse_grad, _col_lse_grad):
+        x, y, scale, targets, row_offset, col_offset = ctx.saved_tensors
         self_similarity = y is None
         weights = _anchor_weights(grad, ctx.reduction, x.shape[0])
         share = weights * 0.5 if ctx.symmetric else weights
         dx, dy, ds = ctx.backend.exp_weighted_grad(
             x, x if self_similarity else y, scale,
-            a=share, o=row_lse,
-            b=share if ctx.symmetric else None, p=col_lse,
+            a=share, o=row_offset,
+            b=share if ctx.symmetric else None, p=col_offset,
             positives=(targets, -weights),
             exclude_diagonal=ctx.exclude_diagonal,
             need_dx=ctx.needs_input_grad[0],
@@ -88,7 +114,7 @@ class ContrastiveLoss(torch.autograd.Function):
         )
         if self_similarity and dx is not None:
             dx, dy = dx.add_(dy), None  # x sits on both sides of S
-        return dx, dy, ds, None, None, None, None, None
+        return dx, dy, ds, None, None, None, None, None, None, None
 
 
 def infonce_loss(
@@ -118,8 +144,8 @@ def infonce_loss(
     check_reduction(reduction)
     targets = check_targets(targets, queries.shape[0], keys.shape[0], queries)
     scale = as_scale("scale", scale, queries)
-    return ContrastiveLoss.apply(queries, keys, scale, targets, False, False, reduction,
-                                 resolve_backend(backend, queries))
+    return ContrastiveLoss.apply(queries, keys, scale, targets, None, None, False, False, reduction,
+                                 resolve_backend(backend, queries))[0]
 
 
 def clip_loss(
@@ -144,8 +170,8 @@ def clip_loss(
     check_reduction(reduction)
     logit_scale = as_scale("logit_scale", logit_scale, image_features)
     targets = torch.arange(image_features.shape[0], device=image_features.device)
-    return ContrastiveLoss.apply(image_features, text_features, logit_scale, targets, True, False,
-                                 reduction, resolve_backend(backend, image_features))
+    return ContrastiveLoss.apply(image_features, text_features, logit_scale, targets, None, None, True, False,
+                                 reduction, resolve_backend(backend, image_features))[0]
 
 
 def nt_xent_loss(
@@ -173,5 +199,55 @@ def nt_xent_loss(
     n = z1.shape[0]
     samples = torch.cat([z1, z2])
     other_view = torch.arange(2 * n, device=z1.device).roll(n)
-    return ContrastiveLoss.apply(samples, None, scale, other_view, False, True, reduction,
-                                 resolve_backend(backend, samples))
+    return ContrastiveLoss.apply(samples, None, scale, other_view, None, None, False, True, reduction,
+                                 resolve_backend(backend, samples))[0]
+
+
+class GammaWeightedLoss(NamedTuple):
+    loss: Tensor  # the reduced gamma-weighted loss; its gradient is the decomposed gradient
+    row_lse: Tensor  # log sum_j exp(S_ij) over each row's denominator, no gradient
+    col_lse: Optional[Tensor]  # the same over columns (symmetric only)
+
+
+def gamma_weighted_loss(
+    features_a: Tensor,
+    features_b: Tensor,
+    scale: Union[float, Tensor],
+    log_weights_a: Tensor,
+    log_weights_b: Optional[Tensor] = None,
+    targets: Optional[Tensor] = None,
+    reduction: str = "mean",
+    exclude_positive: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> GammaWeightedLoss:
+    """The decomposed contrastive loss of the NeurIPS 2022 gamma-weighting (its M-step).
+
+    Per anchor i of features_a: l_i = -S_{i,t_i} + u_i * mean_j exp(S_ij), S = scale * a @ b.T,
+    with u_i = exp(log_weights_a[i]) held fixed (no gradient). Given u the loss is linear in
+    the denominator, so a minibatch estimates its gradient without bias; u_i = 1 / mean_j exp(S_ij)
+    gives exactly the InfoNCE gradient. With log_weights_b (N = M, pairs i <-> i) the loss is
+    symmetric, 1/2 (a->b + b->a), each direction with its own weights. exclude_positive=True
+    takes the mean over negatives only (j != i; pairs only): the objective of the paper and of
+    SogCLR, and the one whose in-batch estimate is unbiased.
+
+    Returns (loss, row_lse, col_lse): the batch's log-sum-exp statistics come for free, for
+    running estimates of the denominators. Backward is primitive 2 with offsets log K - log u.
+    """
+    check_pair("features_a", features_a, "features_b", features_b, same_rows=log_weights_b is not None)
+    check_reduction(reduction)
+    n, m = features_a.shape[0], features_b.shape[0]
+    if exclude_positive and (targets is not None or n != m):
+        raise ValueError("exclude_positive=True needs pairs i <-> i: targets=None and as many rows in "
+                         f"features_b as in features_a, got targets={'given' if targets is not None else None}, "
+                         f"{n} and {m} rows")
+    if log_weights_b is not None and targets is not None:
+        raise ValueError("a symmetric loss (log_weights_b given) pairs row i with row i; pass targets=None")
+    targets = check_targets(targets, n, m, features_a)
+    log_weights_a = check_log_weights("log_weights_a", log_weights_a, n, features_a)
+    if log_weights_b is not None:
+        log_weights_b = check_log_weights("log_weights_b", log_weights_b, m, features_a)
+    scale = as_scale("scale", scale, features_a)
+    return GammaWeightedLoss(*ContrastiveLoss.apply(
+        features_a, features_b, scale, targets, (log_weights_a, log_weights_b), None,
+        log_weights_b is not None, exclude_positive, reduction, resolve_backend(backend, features_a)))

@@ -1,0 +1,180 @@
+"""The gamma-weighted contrastive loss of "Why do we need large batch sizes in contrastive learning?
+A gradient-bias perspective" (NeurIPS 2022): small batches that follow the large-batch gradient.
+
+Anchor i's InfoNCE loss -S_ii + log Z_i, Z_i = mean_j exp(S_ij), is the log of a ratio, so
+a minibatch estimate of Z_i gives a biased gradient (Jensen). The identity
+1/Z^a = 1/Gamma(a) int u^(a-1) exp(-u Z) du augments each anchor with u_i; given u the loss
+-S_ii + u_i Z_i is linear in Z_i and any minibatch estimates its gradient without bias.
+Training is a stochastic EM, one round per forward:
+
+  1. statistics: the batch's estimate log Zb_i = LSE_i - log K (primitive 1, one product);
+  2. state: per dataset index, log Z^_i <- log((1 - momentum) Z^_i + momentum Zb_i), a
+     first visit taking Zb_i (SogCLR's order: the estimate includes this batch);
+  3. E-step: u_i ~ Gamma(shape a, rate a Z^_i), so E[u_i] = 1/Z^_i and Var[u_i] = 1/(a Z^_i^2);
+     a = inf is the point estimate u_i = 1/Z^_i of SogCLR / FastCLIP (LibAUC's GCLoss);
+  4. M-step: flashcl's gamma-weighted loss, whose gradient is the u-weighted gradient.
+
+Everything runs in the log domain, so no weight overflows at any scale.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .checks import as_scale, check_pair
+from .losses import ContrastiveLoss, positive_logits
+from .primitives import resolve_backend
+
+
+def sample_log_weights(log_z: Tensor, shape: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """log u for u ~ Gamma(shape, rate = shape * exp(log_z)); shape = inf gives exactly -log_z.
+
+    Sampled as u = g / (shape * Z) with g ~ Gamma(shape, 1), so only g is random.
+    """
+    if math.isinf(shape):
+        return -log_z
+    g = torch._standard_gamma(torch.full_like(log_z, shape), generator=generator)
+    return torch.log(g) - math.log(shape) - log_z
+
+
+def ema_log(log_old: Tensor, log_new: Tensor, momentum: float) -> Tensor:
+    """log((1 - momentum) exp(log_old) + momentum exp(log_new)), without leaving the log domain."""
+    if momentum == 1.0:
+        return log_new.clone()
+    return torch.logaddexp(log_old + math.log1p(-momentum), log_new + math.log(momentum))
+
+
+def _log_mean_by_group(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """log mean exp(values) within each group: the one batch estimate of an index seen several times."""
+    peak = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, groups, values, "amax")
+    total = torch.zeros_like(peak).index_add_(0, groups, torch.exp(values - peak[groups]))
+    count = torch.bincount(groups, minlength=n_groups).to(values.dtype)
+    return peak + torch.log(total) - torch.log(count)
+
+
+class GammaContrastiveLoss(nn.Module):
+    """Gamma-weighted contrastive loss with per-sample running estimates of the denominators.
+
+    Args:
+        num_samples: dataset size; forward's `index` holds each row's dataset index in [0, num_samples).
+        shape: the gamma shape a > 0, or float("inf") for the point estimate u = 1/Z^ (SogCLR).
+        momentum: weight of the batch estimate in the running estimate, in (0, 1] (as in
+            BatchNorm and LibAUC's GCLoss gamma; 1 keeps only the latest batch).
+        symmetric: image/text-style loss, 1/2 (a->b + b->a), one estimate per direction;
+            False: a->b only, and features_b may hold extra rows (extra negatives).
+        exclude_positive: means over negatives only (j != i), the paper's and SogCLR's objective
+            and the one whose in-batch estimate is unbiased (needs paired rows).
+        state_device: where the estimates live ("cpu" for datasets too large for the GPU).
+        generator: a torch.Generator on state_device for the E-step (seed it to reproduce).
+        backend: as for every flashcl loss.
+
+    forward(features_a, features_b, scale, index, output_dict=False) pairs row i of features_a
+    with row i of features_b. Its return value's gradient is the gamma-weighted gradient; with
+    output_dict=True it returns {"loss", "infonce" (the batch's ordinary InfoNCE value, free,
+    for logging), "skipped" (rows whose statistics were non-finite and left the state alone)}.
+    """
+
+    def __init__(self, num_samples: int, shape: float = 1.0, momentum: float = 0.9, symmetric: bool = True,
+                 exclude_positive: bool = True, state_device: Union[str, torch.device] = "cpu",
+                 generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not (isinstance(shape, (int, float)) and shape > 0):
+            raise ValueError(f"shape must be a float > 0 or float('inf'), got {shape!r}")
+        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
+        self.num_samples, self.shape, self.momentum = num_samples, float(shape), float(momentum)
+        self.symmetric, self.exclude_positive = symmetric, exclude_positive
+        self.generator, self.backend = generator, backend
+        state_device = torch.device(state_device)
+        directions = ("a", "b") if symmetric else ("a",)
+        for d in directions:
+            self.register_buffer(f"log_z_{d}", torch.zeros(num_samples, device=state_device))
+            self.register_buffer(f"visited_{d}", torch.zeros(num_samples, dtype=torch.bool, device=state_device))
+        self._directions = directions
+
+    def extra_repr(self) -> str:
+        return (f"num_samples={self.num_samples}, shape={self.shape}, momentum={self.momentum}, "
+                f"symmetric={self.symmetric}, exclude_positive={self.exclude_positive}")
+
+    def _check_index(self, index: Tensor, n: int) -> Tensor:
+        if not isinstance(index, Tensor) or index.dtype == torch.bool or index.is_floating_point() \
+                or index.is_complex():
+            what = index.dtype if isinstance(index, Tensor) else type(index).__name__
+            raise TypeError(f"index must be an integer tensor of shape ({n},) of dataset indices, got {what}")
+        if index.shape != (n,):
+            raise ValueError(f"index must have shape ({n},) (one dataset index per row), got {tuple(index.shape)}")
+        index = index.to(self.log_z_a.device, torch.long)
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= self.num_samples:
+            raise ValueError(f"index must lie in [0, {self.num_samples - 1}] (num_samples={self.num_samples}), "
+                             f"got values in [{low}, {high}]")
+        return index
+
+    @torch.no_grad()
+    def _update(self, direction: str, index: Tensor, log_z_batch: Tensor) -> int:
+        """Folds this batch's estimates into the state; returns how many rows it skipped as non-finite."""
+        log_z, visited = getattr(self, f"log_z_{direction}"), getattr(self, f"visited_{direction}")
+        log_z_batch = log_z_batch.to(log_z.device, log_z.dtype)
+        finite = torch.isfinite(log_z_batch)
+        index, log_z_batch = index[finite], log_z_batch[finite]
+        if index.numel():
+            unique, groups = torch.unique(index, return_inverse=True)  # sorted: the same order every run
+            batch = _log_mean_by_group(log_z_batch, groups, unique.numel())
+            new = torch.where(visited[unique], ema_log(log_z[unique], batch, self.momentum), batch)
+            log_z[unique] = new
+            visited[unique] = True
+        return int((~finite).sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for d in self._directions:
+            key = f"{prefix}log_z_{d}"
+            if key in state_dict and state_dict[key].shape != (self.num_samples,):
+                error_msgs.append(f"{key} holds {tuple(state_dict[key].shape)} running estimates but this "
+                                  f"GammaContrastiveLoss has num_samples={self.num_samples}; the state was not loaded")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, features_a: Tensor, features_b: Tensor, scale: Union[float, Tensor], index: Tensor,
+                output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
+        paired = self.symmetric or self.exclude_positive
+        check_pair("features_a", features_a, "features_b", features_b, same_rows=paired)
+        n, m = features_a.shape[0], features_b.shape[0]
+        if m < n:
+            raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {m}")
+        index = self._check_index(index, n)
+        scale = as_scale("scale", scale, features_a)
+        backend = resolve_backend(self.backend, features_a)
+        targets = torch.arange(n, device=features_a.device)
+
+        with torch.no_grad():
+            row_lse, col_lse = backend.lse(features_a, features_b, scale.detach(), rows=True, cols=self.symmetric,
+                                           exclude_diagonal=self.exclude_positive)
+            positive = positive_logits(features_a, features_b, targets, scale.detach())
+        excluded = 1 if self.exclude_positive else 0
+        log_weights, skipped, infonce = [], 0, []
+        for direction, lse, count in zip(self._directions, (row_lse, col_lse), (m - excluded, n - excluded)):
+            skipped += self._update(direction, index, lse - math.log(count))
+            log_z = getattr(self, f"log_z_{direction}")[index]
+            log_weights.append(sample_log_weights(log_z, self.shape, self.generator).to(row_lse))
+            # The ordinary InfoNCE, positive included in its denominator, for logging.
+            with_positive = torch.logaddexp(lse, positive) if self.exclude_positive else lse
+            infonce.append((with_positive - positive).mean())
+        if skipped:
+            warnings.warn(f"GammaContrastiveLoss: {skipped} rows had non-finite statistics; their running "
+                          "estimates were left unchanged", RuntimeWarning, stacklevel=2)
+
+        loss = ContrastiveLoss.apply(
+            features_a, features_b, scale, targets, (log_weights[0], log_weights[1] if self.symmetric else None),
+            (row_lse, col_lse, positive), self.symmetric, self.exclude_positive, "mean", backend)[0]
+        if not output_dict:
+            return loss
+        return {"loss": loss, "infonce": torch.stack(infonce).mean(), "skipped": torch.tensor(skipped)}
