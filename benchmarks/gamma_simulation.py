@@ -121,7 +121,7 @@ def plot(paths, args, methods, path):
             ax = axes[row][col]
             ax.plot(paths[(mu, method)].numpy(), lw=0.8, alpha=0.8)
             ax.axhline(1.0, color="k", ls="--", lw=1)
-            ax.set_ylim(-1.5, 3.5)
+            ax.set_ylim(0.0, 2.0)  # the first steps leave this range; the endpoints are the point
             if row == 0:
                 ax.set_title(f"mu = {mu:g} (Var w = {math.expm1(mu * mu):.3g})", fontsize=9)
             if col == 0:

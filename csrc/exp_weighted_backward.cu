@@ -6,7 +6,6 @@
 // added into its rows of the output 32 columns of D at a time. No two blocks write the same
 // row: no atomics, bit-identical results run to run. dx is this kernel on (x, y); dy the
 // same kernel on (y, x) with the row and column terms swapped.
-#include "launchers.h"
 #include "tile.cuh"
 
 namespace flashcl {
@@ -114,12 +113,7 @@ cudaError_t launch(const ProductArgs& args, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_exp_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<float>(args, stream);
-    case DType::kFloat16: return launch<__half>(args, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto element) { return launch<decltype(element)>(args, stream); });
 }
 
 }  // namespace flashcl

@@ -7,7 +7,6 @@
 // spin lock, visiting column blocks in an order staggered by block index so blocks
 // rarely wait on each other. The merge order varies run to run; the deterministic path
 // launches this kernel on (b, a) instead, whose rows are the columns.
-#include "launchers.h"
 #include "tile.cuh"
 
 namespace flashcl {
@@ -96,12 +95,7 @@ cudaError_t launch(const LseForwardArgs& args, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_lse_forward(const LseForwardArgs& args, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<float>(args, stream);
-    case DType::kFloat16: return launch<__half>(args, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto element) { return launch<decltype(element)>(args, stream); });
 }
 
 }  // namespace flashcl

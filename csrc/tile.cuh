@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "launchers.h"
+
 namespace flashcl {
 
 constexpr int kThreads = 128;
@@ -47,6 +49,17 @@ struct Matrix {
   const T* data;
   int64_t rows, row_stride, col_stride;
 };
+
+// launch(T{}) with T the element type of dtype: one switch for every kernel's launcher.
+template <typename Launch>
+cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: return launch(float{});
+    case DType::kFloat16: return launch(__half{});
+    case DType::kBFloat16: return launch(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 template <typename T>
 struct TileBuffers {
