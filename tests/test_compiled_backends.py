@@ -1,6 +1,5 @@
 """The compiled backends end to end: Triton (on CPU through Triton's interpreter, on CUDA when run
 there) and the CUDA extension (on a GPU machine where it was built)."""
-import importlib.util
 
 import pytest
 import torch
@@ -104,7 +103,7 @@ def test_large_chunked_backward_matches(backend, generator, monkeypatch):
         assert_close(g, w, torch.float32, name, magnitude=10 * float(a.abs().max() + b.abs().max()))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
 def test_triton_unavailable_reasons(monkeypatch):
     assert "float16, bfloat16 or float32" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float64)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on cpu torch.float64 tensors: .*"

@@ -54,17 +54,12 @@ class _Entry:
 def _installed() -> Optional[str]:
     return None
 
-
-def _triton_missing() -> Optional[str]:
-    return triton_backend.unavailable_reason(torch.device("cuda"), torch.float32)
-
-
 # In order of preference for `auto`, which takes the first that is installed, automatic and able to
 # run the tensors. No GPU measurement ranks Triton against CUDA yet (benchmarks/bench_gpu.py will);
 # until one does, the autotuned Triton kernels come first.
 _BACKENDS: Dict[str, _Entry] = {
     # The interpreter also runs Triton on CPU tensors, but far too slowly to be chosen unasked.
-    "triton": _Entry(_triton_missing, triton_backend.unavailable_reason, triton_backend.make,
+    "triton": _Entry(triton_backend.missing_reason, triton_backend.unavailable_reason, triton_backend.make,
                      lambda device: device.type == "cuda"),
     # A pip install that could not build the extension is common and silent; only a user who
     # asked for it hears about it, once, and gets the next best backend.

@@ -29,6 +29,7 @@ def extension_error() -> Optional[str]:
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the kernels cannot take tensors of this device and dtype, or None."""
     if device.type != "cuda":
         return "the CUDA kernels need CUDA tensors"
     if dtype not in DTYPES:

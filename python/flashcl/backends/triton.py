@@ -5,6 +5,7 @@ interpreter, for tests). Inputs fp16, bf16 or fp32; statistics and accumulation 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional, Tuple
@@ -17,9 +18,14 @@ from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
+def missing_reason() -> Optional[str]:
+    """Why this backend is not installed here, or None."""
+    return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
+    """Why the kernels cannot take tensors of this device and dtype, or None."""
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return "Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them on CPU tensors, slowly, for tests)"
     if dtype not in DTYPES:
