@@ -65,11 +65,9 @@ def test_build_plan_refuses(setup_module, mode, facts, says):
 
 @pytest.fixture
 def broken_extension(monkeypatch):
-    """flashcl._C as if its import failed (never built, or built against another torch)."""
-    cuda_backend.extension_error.cache_clear()
+    """flashcl._C as if its import had failed at flashcl's import (never built, or built against another torch)."""
     monkeypatch.setitem(sys.modules, "flashcl._C", None)  # makes `import flashcl._C` raise ImportError
-    yield
-    cuda_backend.extension_error.cache_clear()
+    monkeypatch.setattr(cuda_backend, "EXTENSION_ERROR", cuda_backend.load_extension())
 
 
 def test_missing_extension_is_reported(broken_extension):

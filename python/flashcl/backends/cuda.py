@@ -5,7 +5,6 @@ fp32 on CUDA; composed into the primitives exactly as the Triton kernels are.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -16,9 +15,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BUILD_HINT = "build it with FLASHCL_BUILD_CUDA=1 pip install --no-build-isolation ."
 
 
-@functools.cache
-def extension_error() -> Optional[str]:
-    """Why flashcl._C cannot be used here, or None once it is loaded (which registers its operators)."""
+def load_extension() -> Optional[str]:
+    """Imports flashcl._C, which registers its operators, and their fakes; returns why it failed, or None."""
     try:
         import flashcl._C  # noqa: F401
     except ImportError as error:  # never built, or built against another torch (undefined symbols)
@@ -26,6 +24,16 @@ def extension_error() -> Optional[str]:
     torch.library.register_fake("flashcl::lse_forward")(lse_forward_fake)
     torch.library.register_fake("flashcl::exp_weighted_products")(exp_weighted_products_fake)
     return None
+
+
+# Loaded once, at import, silently: only a user who asks for backend="cuda" hears of a failure.
+# torch.compile then reads a constant instead of tracing an import.
+EXTENSION_ERROR = load_extension()
+
+
+def extension_error() -> Optional[str]:
+    """Why flashcl._C cannot be used here, or None."""
+    return EXTENSION_ERROR
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:

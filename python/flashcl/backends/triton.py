@@ -5,7 +5,6 @@ interpreter, for tests). Inputs fp16, bf16 or fp32; statistics and accumulation 
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Optional, Tuple
@@ -18,10 +17,13 @@ from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
+# Decided once, at import: torch.compile then reads a constant instead of tracing a lookup.
+INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def missing_reason() -> Optional[str]:
     """Why this backend is not installed here, or None."""
-    return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+    return None if INSTALLED else "Triton is not installed (pip install triton)"
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
