@@ -98,6 +98,15 @@ def worker(impl: str, batch: int, dim: int, device: str, dtype: str, repeats: in
     return {"peak_bytes": peak, "times_s": times[1:], "median_s": statistics.median(times[1:])}
 
 
+def git_commit() -> str:
+    """This checkout's commit, marked -dirty when it has uncommitted changes."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def machine(device: str) -> dict:
     import torch
 
@@ -108,15 +117,10 @@ def machine(device: str) -> dict:
     else:
         name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                      if line.startswith("model name")), platform.processor())
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {
         "device": name, "device_type": device, "cpu_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "torch": torch.__version__, "flashcl": flashcl.__version__,
+        "commit": git_commit(), "torch": torch.__version__, "flashcl": flashcl.__version__,
         "python": platform.python_version(),
     }
 

@@ -26,7 +26,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,15 +33,10 @@ import torch
 import torch.nn.functional as F
 
 import flashcl
+from bench_clip_loss import clip_loss_textbook, git_commit  # the same textbook loss and provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("flashcl", "textbook", "open_clip", "inf_cl")
-
-
-def textbook(image, text, logit_scale):
-    logits = logit_scale * image @ text.T
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def load_contender(name):
@@ -50,7 +44,7 @@ def load_contender(name):
     if name == "flashcl":
         return flashcl.clip_loss
     if name == "textbook":
-        return textbook
+        return clip_loss_textbook
     if name == "open_clip":
         spec = importlib.util.find_spec("open_clip")
         if spec is None:
@@ -149,11 +143,6 @@ def measure(loss_fn, n, d, device, dtype):
 
 def machine(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     versions = {"torch": torch.__version__, "flashcl": flashcl.__version__, "python": platform.python_version()}
     for package in ("triton", "inf_cl", "open_clip"):
         if importlib.util.find_spec(package) is not None:
@@ -164,7 +153,7 @@ def machine(device):
             except PackageNotFoundError:
                 versions[package] = "unknown"
     return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "versions": versions}
+            "commit": git_commit(), "versions": versions}
 
 
 def table(points, meta):

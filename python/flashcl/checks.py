@@ -15,6 +15,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scales, LSEs and accumulators for inputs of `dtype`: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -59,7 +64,7 @@ def as_scale(name: str, scale: Union[float, Tensor], like: Tensor) -> Tensor:
     A tensor keeps its autograd graph (a learnable logit scale gets its exact gradient);
     a 0-d CPU tensor is accepted with features on any device, as torch ops accept it.
     """
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = statistics_dtype(like.dtype)
     if isinstance(scale, Tensor):
         if scale.numel() != 1:
             raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(scale.shape)}")
@@ -120,5 +125,4 @@ def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> T
         raise ValueError(f"{name} is on {log_weights.device} but the features are on {like.device}")
     if not torch.compiler.is_compiling() and bool(torch.isnan(log_weights).any() | (log_weights == math.inf).any()):
         raise ValueError(f"{name} must not hold NaN or +inf (a weight u = exp(log u) must be finite)")
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return log_weights.detach().to(dtype)
+    return log_weights.detach().to(statistics_dtype(like.dtype))

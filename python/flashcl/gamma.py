@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import as_scale, check_pair
-from .losses import ContrastiveLoss, positive_logits
+from .losses import ContrastiveLoss, denominator_sizes, positive_logits
 from .primitives import resolve_backend
 
 
@@ -159,9 +159,9 @@ class GammaContrastiveLoss(nn.Module):
             row_lse, col_lse = backend.lse(features_a, features_b, scale.detach(), rows=True, cols=self.symmetric,
                                            exclude_diagonal=self.exclude_positive)
             positive = positive_logits(features_a, features_b, targets, scale.detach())
-        excluded = 1 if self.exclude_positive else 0
+        counts = denominator_sizes(n, m, self.exclude_positive)
         log_weights, skipped, infonce = [], 0, []
-        for direction, lse, count in zip(self._directions, (row_lse, col_lse), (m - excluded, n - excluded)):
+        for direction, lse, count in zip(self._directions, (row_lse, col_lse), counts):
             skipped += self._update(direction, index, lse - math.log(count))
             log_z = getattr(self, f"log_z_{direction}")[index]
             log_weights.append(sample_log_weights(log_z, self.shape, self.generator).to(row_lse))

@@ -56,6 +56,12 @@ def _anchor_weights(grad: Tensor, reduction: str, n: int) -> Tensor:
     return grad
 
 
+def denominator_sizes(n: int, m: int, exclude_diagonal: bool):
+    """(K_rows, K_cols): the terms in a row's and a column's denominator, one fewer when i == j is excluded."""
+    excluded = 1 if exclude_diagonal else 0
+    return m - excluded, n - excluded
+
+
 def _direction(lse: Tensor, positive: Tensor, log_weights: Optional[Tensor], count: int):
     """(per-anchor loss, backward offset) of one direction: InfoNCE, or the gamma-weighted sub-loss."""
     if log_weights is None:
@@ -83,11 +89,11 @@ class ContrastiveLoss(torch.autograd.Function):
         else:
             row_lse, col_lse, positive = statistics
         row_log_u, col_log_u = log_weights if log_weights is not None else (None, None)
-        excluded = 1 if exclude_diagonal else 0
-        losses, row_offset = _direction(row_lse, positive, row_log_u, keys.shape[0] - excluded)
+        row_count, col_count = denominator_sizes(x.shape[0], keys.shape[0], exclude_diagonal)
+        losses, row_offset = _direction(row_lse, positive, row_log_u, row_count)
         col_offset = None
         if symmetric:
-            col_losses, col_offset = _direction(col_lse, positive, col_log_u, x.shape[0] - excluded)
+            col_losses, col_offset = _direction(col_lse, positive, col_log_u, col_count)
             losses = 0.5 * (losses + col_losses)
         ctx.save_for_backward(x, y, scale, targets, row_offset, col_offset)
         ctx.symmetric, ctx.exclude_diagonal = symmetric, exclude_diagonal

@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import statistics_dtype
+
 # Tile-sized buffers alive at once: S, the two exponentials of backward, and slack
 # for the temporaries of logsumexp in forward.
 TILE_BUFFERS = 4
@@ -81,11 +83,6 @@ def choose_tiles(n: int, m: int, d: int, itemsize: int, tiles: Tiling) -> Tuple[
     return rows, cols
 
 
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for every input dtype except fp64, which keeps fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(length: int, block: int) -> Iterator[slice]:
     for start in range(0, length, block):
         yield slice(start, min(start + block, length))
@@ -116,7 +113,7 @@ class TorchTiles:
         self.tiles = tiles or _tiling_scopes[-1]
 
     def _tile_grid(self, x: Tensor, y: Tensor) -> Tuple[int, int]:
-        itemsize = torch.empty((), dtype=statistics_dtype(x.dtype)).element_size()
+        itemsize = torch.finfo(statistics_dtype(x.dtype)).bits // 8
         return choose_tiles(x.shape[0], y.shape[0], x.shape[1], itemsize, self.tiles)
 
     def lse(
