@@ -1,0 +1,163 @@
+"""Compile the Triton kernels for a GPU without one, and report what each config costs.
+
+No GPU is needed: a compile-only driver hands Triton a target (sm_90 by default) and the
+kernels go through the same launch wrappers as a real call, with every launch replaced by
+a compile. ptxas then reports each config's registers, spills and shared memory, and the
+PTX says which matrix instruction the products use (wgmma on Hopper, mma.sync before).
+
+    python benchmarks/triton_resources.py                 # every config, sm_90, table
+    python benchmarks/triton_resources.py --arch 80 --first-config --json out.json
+
+Run it without TRITON_INTERPRET (it exits if set): the interpreter replaces the kernels.
+Exits 1 if any kernel fails to compile.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_resources.py compiles for a GPU target; unset TRITON_INTERPRET")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+try:  # the installed package, else the source tree
+    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from triton_kernels import exp_weighted_backward, lse_forward
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+class CompileOnlyDriver:
+    """Just enough of a Triton driver to compile (never launch) for one target."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch  # Triton caches per device; one "device" per target keeps them apart
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+
+class RecordLaunch:
+    """Stands in for an autotuned kernel: `kernel[grid](*args, **kwargs)` records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def recorded_launches(module, attribute, call):
+    """The (args, kwargs) `call` passes to module.attribute, whose launches are recorded, not run."""
+    recorder, original = RecordLaunch(), getattr(module, attribute)
+    setattr(module, attribute, recorder)
+    try:
+        call()
+    finally:
+        setattr(module, attribute, original)
+    return recorder.calls
+
+
+def cases(dtype):
+    """(kernel name, flags, jit function, configs, launches) for the flag sets the losses use."""
+    n, m, d = 300, 200, 768
+    x, y = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
+    scale = torch.tensor(10.0)
+    rows_w, rows_off = torch.rand(n), torch.rand(n)
+    cols_w, cols_off = torch.rand(m), torch.rand(m)
+    targets, coeff = torch.arange(n) % m, -torch.ones(n)
+    forward = lse_forward._lse_forward_kernel, lse_forward.lse_configs()
+    backward = exp_weighted_backward._exp_weighted_matmul_kernel, exp_weighted_backward.backward_configs()
+
+    def lse(rows, cols, diagonal, deterministic):
+        return recorded_launches(lse_forward, "_lse_forward_tuned", lambda: lse_forward.lse_forward(
+            x, y, scale, rows, cols, diagonal, deterministic))
+
+    def products(row_term, col_term, positives_by, diagonal):
+        return recorded_launches(exp_weighted_backward, "_exp_weighted_matmul_tuned",
+                                 lambda: exp_weighted_backward.exp_weighted_products(
+                                     x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
+                                     *((cols_w, cols_off) if col_term else (None, None)),
+                                     *((targets, coeff) if positives_by else (None, None)),
+                                     positives_by, diagonal, 0, n))
+
+    yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(True, True, False, False)
+    yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False, True, False)
+    yield "exp_weighted", "both terms, positives by row (CLIP dx)", *backward, products(True, True, 1, False)
+    yield "exp_weighted", "row term only, positives by column", *backward, products(True, False, 2, False)
+    yield "exp_weighted", "both terms, diagonal excluded (NT-Xent)", *backward, products(True, True, 0, True)
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and the instruction mix ptxas reports for one kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, log).group(1)) if re.search(pattern, log) else 0
+    return dict(registers=number(r"Used (\d+) registers"),
+                spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"))
+
+
+def compile_case(fn, config, launch, arch: int) -> dict:
+    args, kwargs = launch
+    kwargs = {**kwargs, **config.all_kwargs()}
+    kernel = fn.warmup(*args, grid=(1,), **kwargs)
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+    config_name = "R{BLOCK_R} C{BLOCK_C} D{BLOCK_D} w{num_warps} s{num_stages}".format(**kwargs)
+    return dict(config=config_name, mma=mma, shared_bytes=kernel.metadata.shared, **ptxas_report(ptx, arch))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
+    parser.add_argument("--first-config", action="store_true", help="only the config FLASHCL_TRITON_AUTOTUNE=0 runs")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    triton.runtime.driver.set_active(CompileOnlyDriver(args.arch))
+    rows, failed = [], 0
+    for dtype_name in args.dtype:
+        for kernel_name, flags, fn, configs, launches in cases(getattr(torch, dtype_name)):
+            for config in configs[:1] if args.first_config else configs:
+                for launch in launches:  # two when a direction runs as its own pass
+                    row = dict(arch=args.arch, dtype=dtype_name, kernel=kernel_name, flags=flags)
+                    try:
+                        row.update(compile_case(fn, config, launch, args.arch))
+                    except Exception as error:  # report every failure, not just the first
+                        failed += 1
+                        row.update(config=str(config), error=f"{type(error).__name__}: {error}"[:500])
+                    rows.append(row)
+                    if "error" in row:
+                        print(f"FAILED {dtype_name} {kernel_name} [{flags}] {row['config']}: {row['error']}")
+                    else:
+                        print(f"{dtype_name:9} {kernel_name:13} {row['config']:22} {row['mma']:8} "
+                              f"regs {row['registers']:3}  spill {row['spill_stores']:4}/{row['spill_loads']:<4} "
+                              f"smem {row['shared_bytes'] // 1024:3} KiB  [{flags}]", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
