@@ -1,18 +1,21 @@
 """flashcl against its peers on a GPU: symmetric CLIP loss, forward + backward, one process.
 
 Contenders, each run on the same random unit-norm bf16 features with a learnable logit scale:
-  flashcl   flashcl.clip_loss (auto backend: Triton on CUDA)
+  triton    flashcl.clip_loss(backend="triton")
+  cuda      flashcl.clip_loss(backend="cuda") (skipped if the extension is not built)
   textbook  the materialized loss in eager PyTorch (open_clip's single-process math)
   open_clip open_clip's ClipLoss, loaded from its loss.py (skipped if not installed)
   inf_cl    Inf-CL, two calls of cal_inf_loss (q, k) and (k, q) (skipped if not installed)
 
-Reports the median time (triton.testing.do_bench), the peak memory above inputs and
-gradients, and the fraction of the floor of DESIGN.md:
+Reports the median time of forward + backward (triton.testing.do_bench), for flashcl's
+backends also of the forward alone, the peak memory above inputs and gradients, and the
+fraction of the floor of DESIGN.md:
   floor = max(8 N M D / matmul rate, 2 N M / exp rate)
 with both rates measured in this run on this device. Out-of-memory is a result ("OOM").
+The JSON also records the Triton configs the autotuner chose, for tuning the grid.
 
     python benchmarks/bench_gpu.py                    # the issue's grid
-    python benchmarks/bench_gpu.py --dims 768 --batch-sizes 4096 --contenders flashcl textbook
+    python benchmarks/bench_gpu.py --dims 768 --batch-sizes 4096 --contenders triton textbook
 
 Writes <out>.json, <out>.md and <out>.png. Without CUDA it runs on the CPU with wall-clock
 timing, for smoke tests only.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -36,13 +40,17 @@ import flashcl
 from bench_clip_loss import clip_loss_textbook, git_commit  # the same textbook loss and provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("flashcl", "textbook", "open_clip", "inf_cl")
+FLASHCL_BACKENDS = ("triton", "cuda")
+CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl")
 
 
-def load_contender(name):
-    """The loss function of a contender, or None when its package is not installed."""
-    if name == "flashcl":
-        return flashcl.clip_loss
+def load_contender(name, device):
+    """The loss function of a contender, or None when it cannot run here."""
+    if name in FLASHCL_BACKENDS:
+        # available_backends, not backend="cuda" alone: that falls back, with a warning, to another backend
+        if name not in flashcl.available_backends(device, torch.bfloat16 if device.type == "cuda" else torch.float32):
+            return None
+        return functools.partial(flashcl.clip_loss, backend=name)
     if name == "textbook":
         return clip_loss_textbook
     if name == "open_clip":
@@ -108,7 +116,7 @@ def exp_rate(device):
     return x.numel() * n_exps / (ms * 1e-3)
 
 
-def measure(loss_fn, n, d, device, dtype):
+def measure(loss_fn, n, d, device, dtype, forward_alone=False):
     generator = torch.Generator(device=device).manual_seed(0)
     image = F.normalize(torch.randn(n, d, device=device, generator=generator), dim=1)
     text = F.normalize(image + 0.5 * torch.randn(n, d, device=device, generator=generator), dim=1)
@@ -131,6 +139,10 @@ def measure(loss_fn, n, d, device, dtype):
         grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves)
         peak = torch.cuda.max_memory_allocated() - baseline - grads if device.type == "cuda" else None
         ms = median_ms(step, device, leaves)
+        forward_ms = None
+        if forward_alone:
+            with torch.no_grad():
+                forward_ms = median_ms(lambda: loss_fn(image, text, log_scale.exp()), device, [])
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
     finally:
@@ -138,7 +150,22 @@ def measure(loss_fn, n, d, device, dtype):
             t.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"ms": ms, "loss": loss, "peak_above_inputs_and_grads_bytes": peak}
+    return {"ms": ms, "forward_ms": forward_ms, "loss": loss, "peak_above_inputs_and_grads_bytes": peak}
+
+
+def triton_choices():
+    """Per kernel: the config the autotuner chose for each key (D and dtypes), and the
+    timings (median, 20th, 80th percentile ms) of every config at the last key it tuned."""
+    try:
+        from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+    except ImportError:
+        return {}
+    tuned = {"lse_forward": lse_forward._lse_forward_tuned,
+             "exp_weighted_products": exp_weighted_backward._exp_weighted_matmul_tuned}
+    return {name: {"chosen": {str(key): str(config) for key, config in kernel.cache.items()}
+                   or {"(one config)": str(kernel.configs[0])},
+                   "last_timings_ms": {str(config): ms for config, ms in getattr(kernel, "configs_timings", {}).items()}}
+            for name, kernel in tuned.items()}
 
 
 def machine(device):
@@ -160,18 +187,20 @@ def table(points, meta):
     lines = [f"Symmetric CLIP loss, forward + backward, {meta['dtype']}, {meta['device']}, {meta['date'][:10]}, "
              f"flashcl {meta['commit']}; matmul {meta['matmul_tflops']:.3g} TFLOP/s and "
              f"{meta['exp_per_s'] / 1e12:.3g} Texp/s measured in this run; median time.",
-             "", "| N | D | contender | time | % of floor | vs flashcl | peak above inputs + grads |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
+             "", "| N | D | contender | time | forward | % of floor | vs fastest flashcl | "
+                 "peak above inputs + grads |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for p in points:
         if "ms" not in p:
-            lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p.get('error', '-')} | | | |")
+            lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p.get('error', '-')} | | | | |")
             continue
-        mine = next((q for q in points if q["n"] == p["n"] and q["d"] == p["d"] and q["contender"] == "flashcl"
-                     and "ms" in q), None)
-        ratio = f"{p['ms'] / mine['ms']:.2f}x" if mine else "-"
+        ours = [q["ms"] for q in points if q["n"] == p["n"] and q["d"] == p["d"]
+                and q["contender"] in FLASHCL_BACKENDS and "ms" in q]
+        ratio = f"{p['ms'] / min(ours):.2f}x" if ours else "-"
+        forward = f"{p['forward_ms']:.2f} ms" if p.get("forward_ms") is not None else "-"
         peak = p["peak_above_inputs_and_grads_bytes"]
         peak = f"{peak / 2**20:.0f} MiB" if peak is not None else "-"
-        lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p['ms']:.2f} ms | "
+        lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p['ms']:.2f} ms | {forward} | "
                      f"{100 * p['floor_ms'] / p['ms']:.0f}% | {ratio} | {peak} |")
     return "\n".join(lines)
 
@@ -216,18 +245,19 @@ def main():
             "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:]}
     grid = [(n, d) for d in args.dims for n in args.batch_sizes]
     grid += [tuple(int(v) for v in point.split(":")) for point in args.extra]
-    loss_fns = {name: load_contender(name) for name in args.contenders}
+    loss_fns = {name: load_contender(name, device) for name in args.contenders}
     points = []
     for (n, d), name in tqdm([(shape, name) for shape in grid for name in args.contenders], desc="points"):
         floor_ms = 1e3 * max(8 * n * n * d / (meta["matmul_tflops"] * 1e12), 2 * n * n / meta["exp_per_s"])
         point = {"n": n, "d": d, "contender": name, "floor_ms": floor_ms}
         if loss_fns[name] is None:
-            point["error"] = "not installed"
+            point["error"] = "not available"
         elif name == "inf_cl" and d % 256:
             point["error"] = "D not a multiple of 256"
         else:
-            point.update(measure(loss_fns[name], n, d, device, dtype))
+            point.update(measure(loss_fns[name], n, d, device, dtype, forward_alone=name in FLASHCL_BACKENDS))
         points.append(point)
+    meta["triton_configs"] = triton_choices()
 
     stem = args.out or RESULTS / f"clip_loss_{device.type}_{meta['device'].replace(' ', '_')}"
     stem.parent.mkdir(parents=True, exist_ok=True)

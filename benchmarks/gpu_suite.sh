@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call: install flashcl, run the test suite on CUDA
-# tensors, then benchmark against the peers. Results go to $OUT (the device tool's output
-# folder) or benchmarks/results/. Peers travel as wheels in .whl/ (see README, "GPU"):
-#   pip download --no-deps inf-cl open_clip_torch==3.3.0 -d .whl
+# Everything that needs a GPU, in phases that each fit one 10-minute device call:
+#   bash benchmarks/gpu_suite.sh test      the test suite on CUDA tensors (Triton and the CUDA extension)
+#   bash benchmarks/gpu_suite.sh bench     benchmarks/bench_gpu.py against the peers [its arguments]
+#   bash benchmarks/gpu_suite.sh profile   Nsight Compute on flashcl's kernels at N = 16384, D = 768
+#   bash benchmarks/gpu_suite.sh all       the three in turn (a long call)
+# Each phase installs flashcl first if this machine lacks it (building flashcl._C for this
+# GPU's architecture). Results go to $OUT (the device tool's output folder) or
+# benchmarks/results/. Peers travel as wheels in .whl/ (README, "GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
+phase=${1:-all}
+shift || true
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 site=/tmp/flashcl-site
-shopt -s nullglob
-wheels=(.whl/*.whl)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . "${wheels[@]}" || exit 1
 export PYTHONPATH=$site
+
+if ! python3 -c "import flashcl, flashcl._C" 2>/dev/null; then
+    arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
+    shopt -s nullglob
+    wheels=(.whl/*.whl)
+    FLASHCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) python3 -m pip install -q --no-index \
+        --no-deps --no-build-isolation --target "$site" . "${wheels[@]}" 2>&1 | tail -20
+    python3 -c "import flashcl._C" || { echo "flashcl._C did not build"; exit 1; }
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -20,7 +32,24 @@ export PYTHONPATH=$site
 } > "$out/gpu_env.txt" 2>&1
 cat "$out/gpu_env.txt"
 
-# The suite on CUDA tensors, one Triton config so it compiles in minutes, not hours.
-FLASHCL_TEST_DEVICE=cuda FLASHCL_TRITON_AUTOTUNE=0 FLASHCL_REQUIRE_PEERS=1 \
-    python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -5
-python3 benchmarks/bench_gpu.py --out "$out/clip_loss_gpu" "$@"
+if [[ $phase == test || $phase == all ]]; then
+    # One Triton config per kernel (FLASHCL_TRITON_AUTOTUNE=0), so the suite compiles in minutes.
+    parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    FLASHCL_TEST_DEVICE=cuda FLASHCL_TRITON_AUTOTUNE=0 FLASHCL_REQUIRE_PEERS=1 FLASHCL_REQUIRE_CUDA_EXTENSION=1 \
+        timeout 540 python3 -m pytest -q -rfE -p no:cacheprovider $parallel tests > "$out/gpu_tests.log" 2>&1
+    echo "pytest exit $?"
+    tail -40 "$out/gpu_tests.log"
+fi
+if [[ $phase == bench || $phase == all ]]; then
+    python3 benchmarks/bench_gpu.py --out "$out/clip_loss_gpu" "$@"
+fi
+if [[ $phase == profile || $phase == all ]]; then
+    # A few launches of each kernel after warm-up and autotuning; the rest run unprofiled.
+    ncu --kernel-name regex:"lse_forward|exp_weighted" --launch-skip 200 --launch-count 6 \
+        --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
+        -f -o /tmp/flashcl_kernels python3 benchmarks/bench_gpu.py --dims 768 --batch-sizes 16384 --extra \
+        --contenders triton cuda --out /tmp/profiled > "$out/ncu.log" 2>&1
+    echo "ncu exit $?"
+    ncu --import /tmp/flashcl_kernels.ncu-rep --csv --page details > "$out/ncu_kernels.csv"
+    tail -5 "$out/ncu.log"
+fi

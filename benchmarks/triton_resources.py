@@ -27,11 +27,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-try:  # the installed package, else the source tree
-    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from triton_kernels import exp_weighted_backward, lse_forward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kernels of this checkout
+from triton_kernels import exp_weighted_backward, lse_forward
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 

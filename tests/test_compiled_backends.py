@@ -103,6 +103,15 @@ def test_large_chunked_backward_matches(backend, generator, monkeypatch):
         assert_close(g, w, torch.float32, name, magnitude=10 * float(a.abs().max() + b.abs().max()))
 
 
+def test_chunks_fill_whole_waves_within_the_scratch_budget():
+    assert fused.rows_per_chunk(768) == fused.SCRATCH_BYTES // (4 * 768) == 10922  # no GPU: the budget
+    assert fused.rows_per_chunk(768, multiprocessors=132) == 64 * 132  # one wave of 64-row blocks
+    assert fused.rows_per_chunk(256, multiprocessors=132) == 3 * 64 * 132  # 32768 rows fit, 3 waves
+    assert fused.rows_per_chunk(2**20) == fused.rows_per_chunk(2**20, multiprocessors=132) == fused.MIN_CHUNK_ROWS
+    for dim in (3, 100, 768, 4096):
+        assert fused.rows_per_chunk(dim, 132) * 4 * dim <= max(fused.SCRATCH_BYTES, 4 * dim * fused.MIN_CHUNK_ROWS)
+
+
 @pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
 def test_triton_unavailable_reasons(monkeypatch):
     assert "float16, bfloat16 or float32" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float64)

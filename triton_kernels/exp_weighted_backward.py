@@ -75,8 +75,10 @@ def _exp_weighted_matmul_kernel(
                 b = b.to(tl.float32)
             out_ptrs = out_ptr + (rows - row_start)[:, None] * stride_or + ds[None, :]
             out_ok = row_ok[:, None] & d_ok[None, :]
-            partial = tl.dot(g, b, input_precision=PRECISION)
-            tl.store(out_ptrs, tl.load(out_ptrs, mask=out_ok, other=0.0) + partial, mask=out_ok)
+            # The running sum is the product's accumulator: its load is issued before the
+            # product needs it, and no separate add is made.
+            running = tl.load(out_ptrs, mask=out_ok, other=0.0)
+            tl.store(out_ptrs, tl.dot(g, b, running, input_precision=PRECISION), mask=out_ok)
 
 
 _exp_weighted_matmul_tuned = triton.autotune(

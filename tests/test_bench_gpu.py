@@ -1,0 +1,33 @@
+"""benchmarks/bench_gpu.py runs end to end (on CPU, tiny, Triton interpreted), so a GPU
+session's time is not lost to a crash in the benchmark's own plumbing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu", reason="the GPU run is the real one")
+def test_bench_gpu_smoke(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("matplotlib")
+    stem = tmp_path / "smoke"
+    run = subprocess.run([sys.executable, "bench_gpu.py", "--dims", "32", "--batch-sizes", "48", "--extra",
+                          "--contenders", "triton", "cuda", "textbook", "--out", str(stem)],
+                         cwd=BENCHMARKS, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(stem.with_suffix(".json").read_text())
+    points = {p["contender"]: p for p in result["points"]}
+    assert points["triton"]["ms"] > 0 and points["triton"]["forward_ms"] > 0
+    assert points["textbook"]["ms"] > 0 and points["textbook"]["forward_ms"] is None
+    # Both compute the same loss on the same data.
+    assert abs(points["triton"]["loss"] - points["textbook"]["loss"]) < 1e-4 * abs(points["textbook"]["loss"])
+    assert points["cuda"] == {**points["cuda"], "error": "not available"}  # no extension on this machine
+    assert set(result["machine"]["triton_configs"]) == {"lse_forward", "exp_weighted_products"}
+    assert "| 48 | 32 | triton |" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").stat().st_size > 0
