@@ -81,9 +81,9 @@ def cases(dtype):
     forward = lse_forward._lse_forward_kernel, lse_forward.lse_configs()
     backward = exp_weighted_backward._exp_weighted_matmul_kernel, exp_weighted_backward.backward_configs()
 
-    def lse(rows, cols, diagonal, deterministic):
+    def lse(diagonal, merge_columns):
         return recorded_launches(lse_forward, "_lse_forward_tuned", lambda: lse_forward.lse_forward(
-            x, y, scale, rows, cols, diagonal, deterministic))
+            x, y, scale, diagonal, merge_columns))
 
     def products(row_term, col_term, positives_by, diagonal):
         return recorded_launches(exp_weighted_backward, "_exp_weighted_matmul_tuned",
@@ -93,8 +93,8 @@ def cases(dtype):
                                      *((targets, coeff) if positives_by else (None, None)),
                                      positives_by, diagonal, 0, n))
 
-    yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(True, True, False, False)
-    yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False, True, False)
+    yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
+    yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
     yield "exp_weighted", "both terms, positives by row (CLIP dx)", *backward, products(True, True, 1, False)
     yield "exp_weighted", "row term only, positives by column", *backward, products(True, False, 2, False)
     yield "exp_weighted", "both terms, diagonal excluded (NT-Xent)", *backward, products(True, True, 0, True)
@@ -137,7 +137,7 @@ def main(argv=None):
     for dtype_name in args.dtype:
         for kernel_name, flags, fn, configs, launches in cases(getattr(torch, dtype_name)):
             for config in configs[:1] if args.first_config else configs:
-                for launch in launches:  # two when a direction runs as its own pass
+                for launch in launches:
                     row = dict(arch=args.arch, dtype=dtype_name, kernel=kernel_name, flags=flags)
                     try:
                         row.update(compile_case(fn, config, launch, args.arch))

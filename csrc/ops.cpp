@@ -55,39 +55,28 @@ void check_launch(cudaError_t error, const char* kernel) {
   TORCH_CHECK(error == cudaSuccess, "flashcl ", kernel, " failed to launch: ", cudaGetErrorString(error));
 }
 
-at::Tensor row_lse(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, bool exclude_diagonal,
-                   at::Tensor* col_max = nullptr, at::Tensor* col_sum = nullptr) {
+// Row LSE of S = scale * a b^T; with merge_columns also the column LSE from the same pass.
+std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                               bool exclude_diagonal, bool merge_columns) {
+  check_pair(a, b, scale);
+  TORCH_CHECK(!exclude_diagonal || a.size(0) == b.size(0),
+              "exclude_diagonal needs as many rows as columns, got ", a.size(0), " and ", b.size(0));
+  const c10::cuda::CUDAGuard guard(a.device());
   const auto f32 = a.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({a.size(0)}, f32);
-  at::Tensor locks;
-  const bool merge = col_max != nullptr;
-  if (merge) {
-    *col_max = at::zeros({b.size(0)}, f32);
-    *col_sum = at::zeros({b.size(0)}, f32);
+  at::Tensor row_lse = at::empty({a.size(0)}, f32);
+  at::Tensor col_max, col_sum, locks;
+  if (merge_columns) {
+    col_max = at::zeros({b.size(0)}, f32);
+    col_sum = at::zeros({b.size(0)}, f32);
     locks = at::zeros({(b.size(0) + kColumnBlock - 1) / kColumnBlock}, a.options().dtype(at::kInt));
   }
   LseForwardArgs args{a.data_ptr(), b.data_ptr(), a.size(0), b.size(0), a.size(1), a.stride(0), a.stride(1),
-                      b.stride(0), b.stride(1), scale.data_ptr<float>(), lse.data_ptr<float>(),
-                      merge ? col_max->data_ptr<float>() : nullptr, merge ? col_sum->data_ptr<float>() : nullptr,
-                      merge ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge};
+                      b.stride(0), b.stride(1), scale.data_ptr<float>(), row_lse.data_ptr<float>(),
+                      merge_columns ? col_max.data_ptr<float>() : nullptr,
+                      merge_columns ? col_sum.data_ptr<float>() : nullptr,
+                      merge_columns ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge_columns};
   check_launch(launch_lse_forward(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "lse_forward");
-  return lse;
-}
-
-std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
-                                               bool rows, bool cols, bool exclude_diagonal, bool deterministic) {
-  check_pair(x, y, scale);
-  TORCH_CHECK(!exclude_diagonal || x.size(0) == y.size(0),
-              "exclude_diagonal needs as many rows as columns, got ", x.size(0), " and ", y.size(0));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
-  if (rows && cols && !deterministic) {
-    at::Tensor col_max, col_sum;
-    at::Tensor r = row_lse(x, y, scale, exclude_diagonal, &col_max, &col_sum);
-    return {r, at::log(col_sum).add_(col_max)};
-  }
-  return {rows ? row_lse(x, y, scale, exclude_diagonal) : empty,
-          cols ? row_lse(y, x, scale, exclude_diagonal) : empty};
+  return {row_lse, merge_columns ? at::log(col_sum).add_(col_max) : at::empty({0}, f32)};
 }
 
 at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
@@ -128,8 +117,8 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
 }  // namespace
 
 TORCH_LIBRARY(flashcl, m) {
-  m.def("lse_forward(Tensor x, Tensor y, Tensor scale, bool rows, bool cols, bool exclude_diagonal, "
-        "bool deterministic) -> (Tensor, Tensor)");
+  m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns) "
+        "-> (Tensor, Tensor)");
   m.def("exp_weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
         "Tensor? col_w, Tensor? col_off, Tensor? pos_index, Tensor? pos_coeff, int positives_by, "
         "bool exclude_diagonal, int row_start, int row_end) -> Tensor");

@@ -101,7 +101,8 @@ def test_operators_registered():
     assert extension_built(), cuda_backend.extension_error()
     assert "cuda" in flashcl.available_backends("cuda", torch.bfloat16)
     schema = str(torch.ops.flashcl.lse_forward.default._schema)
-    assert schema.startswith("flashcl::lse_forward(Tensor x, Tensor y, Tensor scale, bool rows, bool cols")
+    assert schema == ("flashcl::lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, "
+                      "bool merge_columns) -> (Tensor, Tensor)")
     assert "Tensor? pos_index" in str(torch.ops.flashcl.exp_weighted_products.default._schema)
 
 
@@ -122,24 +123,26 @@ def test_fake_implementations_give_the_shapes(dtype):
         x = torch.empty(10, 8, device="cuda", dtype=dtype)
         y = torch.empty(7, 8, device="cuda", dtype=dtype)
         s = torch.empty((), device="cuda")
-        rows, cols = torch.ops.flashcl.lse_forward(x, y, s, True, False, False, False)
+        rows, cols = torch.ops.flashcl.lse_forward(x, y, s, False, False)
         assert (rows.shape, cols.shape, rows.dtype, rows.device.type) == ((10,), (0,), torch.float32, "cuda")
+        rows, cols = torch.ops.flashcl.lse_forward(x, y, s, False, True)
+        assert (rows.shape, cols.shape, cols.dtype) == ((10,), (7,), torch.float32)
         out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 2, 9)
         assert (out.shape, out.dtype) == ((7, 8), torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not extension_built(), reason="needs a GPU and flashcl._C")
 @pytest.mark.parametrize("call,message", [
-    (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s.double(), True, False, False, False),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s.double(), False, False),
      "scale must be a float32 scalar"),
-    (lambda x, s: torch.ops.flashcl.lse_forward(x, x[:3], s, True, False, True, False),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x, x[:3], s, True, False),
      "exclude_diagonal needs as many rows as columns, got 5 and 3"),
     (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, None, None, None, None, None, None, 0, False, 4, 9),
      r"rows \[4, 9\) must lie in \[0, 5\)"),
     (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, torch.ones(4, device="cuda"), torch.ones(4, device="cuda"),
                                                           None, None, None, None, 0, False, 0, 5),
      r"row_w must have shape \(5,\), got \[4\]"),
-    (lambda x, s: torch.ops.flashcl.lse_forward(x.double(), x.double(), s, True, False, False, False),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x.double(), x.double(), s, False, False),
      "float16, bfloat16 or float32 features"),
 ])
 def test_kernel_arguments_are_checked(call, message):

@@ -5,8 +5,8 @@ max, rescaled sum) row LSE in registers. With MERGE_COLUMNS it also folds each t
 column (max, sum) into shared per-column buffers, so both directions cost one product:
 a column block's buffers are guarded by a spin lock, and programs visit the column
 blocks in a staggered order so they rarely wait on each other. The merge order varies
-run to run, so the deterministic path instead runs this kernel twice, on (a, b) and on
-(b, a): the rows of S.T are the columns of S.
+run to run; flashcl.backends.fused runs this kernel on (b, a) instead when the column LSE
+must be deterministic (the rows of S.T are the columns of S).
 """
 import torch
 import triton
@@ -93,7 +93,8 @@ _lse_forward_tuned = triton.autotune(
 )(_lse_forward_kernel)
 
 
-def _launch(a, b, scale, exclude_diagonal, merge_columns):
+def lse_forward(a, b, scale, exclude_diagonal, merge_columns):
+    """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused)."""
     n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
     row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
     if merge_columns:
@@ -101,7 +102,7 @@ def _launch(a, b, scale, exclude_diagonal, merge_columns):
         col_sum = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
         locks = torch.zeros(triton.cdiv(n_cols, MIN_BLOCK), dtype=torch.int32, device=a.device)
     else:
-        col_max = col_sum = locks = row_lse  # unused
+        col_max = col_sum = locks = row_lse  # stand-ins for pointers MERGE_COLUMNS switches off
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
     _lse_forward_tuned[grid](
         a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
@@ -109,15 +110,5 @@ def _launch(a, b, scale, exclude_diagonal, merge_columns):
         EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
         UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
     )
-    col_lse = col_max + torch.log(col_sum) if merge_columns else None
-    return row_lse, col_lse
-
-
-def lse_forward(x, y, scale, rows, cols, exclude_diagonal, deterministic):
-    """(row LSE, column LSE) of S = scale * x @ y.T in fp32, a direction not asked for empty."""
-    if rows and cols and not deterministic:
-        return _launch(x, y, scale, exclude_diagonal, merge_columns=True)
-    empty = torch.empty(0, dtype=torch.float32, device=x.device)
-    row_lse = _launch(x, y, scale, exclude_diagonal, False)[0] if rows else empty
-    col_lse = _launch(y, x, scale, exclude_diagonal, False)[0] if cols else empty
+    col_lse = col_max + torch.log(col_sum) if merge_columns else row_lse.new_empty(0)
     return row_lse, col_lse

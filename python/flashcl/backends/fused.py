@@ -3,8 +3,9 @@
 A kernel family brings two operators (registered with torch.library, so torch.compile
 sees them as opaque nodes with fake implementations):
 
-    lse_forward(x, y, scale, rows, cols, exclude_diagonal, deterministic) -> (row_lse, col_lse)
-        fp32 LSE vectors; a direction not asked for comes back empty.
+    lse_forward(x, y, scale, exclude_diagonal, merge_columns) -> (row_lse, col_lse)
+        fp32 row LSE of S = scale * x @ y.T; with merge_columns also its column LSE, from
+        the same pass (else col_lse comes back empty).
     exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
                           positives_by, exclude_diagonal, row_start, row_end) -> fp32 (row_end - row_start, D)
         rows [row_start, row_end) of G @ b, with
@@ -29,10 +30,10 @@ ROWS_PER_MULTIPROCESSOR = 64  # the smallest row block of the product kernels
 NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
 
 
-def lse_forward_fake(x, y, scale, rows, cols, exclude_diagonal, deterministic):
+def lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns):
     """The shapes lse_forward returns, for torch.compile's fake tensors."""
-    return (x.new_empty(x.shape[0] if rows else 0, dtype=torch.float32),
-            x.new_empty(y.shape[0] if cols else 0, dtype=torch.float32))
+    return (x.new_empty(x.shape[0], dtype=torch.float32),
+            x.new_empty(y.shape[0] if merge_columns else 0, dtype=torch.float32))
 
 
 def exp_weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
@@ -61,8 +62,8 @@ def _multiprocessors(device: torch.device) -> Optional[int]:
 class FusedKernels:
     """Primitives 1 and 2 of DESIGN.md from a kernel family's two operators.
 
-    deterministic (default: torch.are_deterministic_algorithms_enabled()) asks lse_forward for
-    results that are bit-identical run to run; the products are always.
+    deterministic (default: torch.are_deterministic_algorithms_enabled()) makes the LSEs
+    bit-identical run to run; the products always are.
     """
 
     def __init__(self, name: str, lse_forward: Callable, exp_weighted_products: Callable,
@@ -75,8 +76,13 @@ class FusedKernels:
 
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
             exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        row_lse, col_lse = self._lse_forward(x, y, scale, rows, cols, exclude_diagonal, self.deterministic)
-        return (row_lse if rows else None), (col_lse if cols else None)
+        # Merging the column statistics of one pass across programs happens in an order that
+        # varies run to run, so a deterministic run takes the rows of S.T in a second pass.
+        if rows and cols and not self.deterministic:
+            return self._lse_forward(x, y, scale, exclude_diagonal, True)
+        row_lse = self._lse_forward(x, y, scale, exclude_diagonal, False)[0] if rows else None
+        col_lse = self._lse_forward(y, x, scale, exclude_diagonal, False)[0] if cols else None
+        return row_lse, col_lse
 
     def _chunks(self, a: Tensor, b: Tensor, scale: Tensor, row_term, col_term, positives, positives_by,
                 exclude_diagonal):

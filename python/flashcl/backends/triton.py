@@ -38,11 +38,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 # The operators exist from import on (torch.compile must find them while tracing); the
 # kernels they call are imported, and compiled, on first use.
 @torch.library.custom_op("flashcl::triton_lse_forward", mutates_args=())
-def lse_forward(x: Tensor, y: Tensor, scale: Tensor, rows: bool, cols: bool,
-                exclude_diagonal: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+def lse_forward(x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool,
+                merge_columns: bool) -> Tuple[Tensor, Tensor]:
     from flashcl.triton_kernels.lse_forward import lse_forward as launch
 
-    return launch(x, y, scale, rows, cols, exclude_diagonal, deterministic)
+    return launch(x, y, scale, exclude_diagonal, merge_columns)
 
 
 lse_forward.register_fake(lse_forward_fake)
