@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh all       the three in turn (a long call)
 # Each phase installs flashcl first if this machine lacks it (building flashcl._C for this
 # GPU's architecture). Results go to $OUT (the device tool's output folder) or
-# benchmarks/results/. Peers travel as wheels in .whl/ (README, "GPU").
+# benchmarks/results/. Peers travel as wheels in .whl/ (README, "GPU", has the download line).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:-all}
@@ -34,9 +34,12 @@ cat "$out/gpu_env.txt"
 
 if [[ $phase == test || $phase == all ]]; then
     # One Triton config per kernel (FLASHCL_TRITON_AUTOTUNE=0), so the suite compiles in minutes.
+    # Eight workers compile kernels in parallel; a test that hangs (a lock never released) fails
+    # alone; the whole run stops in time to leave the build and the report inside the call.
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")
     FLASHCL_TEST_DEVICE=cuda FLASHCL_TRITON_AUTOTUNE=0 FLASHCL_REQUIRE_PEERS=1 FLASHCL_REQUIRE_CUDA_EXTENSION=1 \
-        timeout 540 python3 -m pytest -q -rfE -p no:cacheprovider $parallel tests > "$out/gpu_tests.log" 2>&1
+        timeout 420 python3 -m pytest -q -rfE -p no:cacheprovider $parallel $per_test tests > "$out/gpu_tests.log" 2>&1
     echo "pytest exit $?"
     tail -40 "$out/gpu_tests.log"
 fi
