@@ -113,6 +113,18 @@ def test_chunks_fill_whole_waves_within_the_scratch_budget():
 
 
 @pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
+def test_triton_kernels_refuse_row_counts_past_32_bits():
+    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+
+    huge = torch.zeros(1, 4, device=DEVICE).expand(2**31, 4)  # no memory behind the rows
+    small, scale = torch.zeros(3, 4, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+        lse_forward.lse_forward(small, huge, scale, False, True)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+        exp_weighted_backward.exp_weighted_products(huge, small, scale, *[None] * 6, 0, False, 0, 3)
+
+
+@pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
 def test_triton_unavailable_reasons(monkeypatch):
     assert "float16, bfloat16 or float32" in triton_backend.unavailable_reason(torch.device("cpu"), torch.float64)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on cpu torch.float64 tensors: .*"

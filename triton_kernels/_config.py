@@ -35,6 +35,13 @@ def backward_configs():
     )
 
 
+def check_row_counts(*counts: int) -> None:
+    """The kernels index rows and columns with 32-bit integers (fewer registers than 64-bit;
+    memory offsets stay 64-bit), so no operand may have 2**31 rows or more."""
+    if max(counts) >= 2**31:
+        raise ValueError(f"flashcl's Triton kernels take fewer than 2**31 rows per operand, got {max(counts)}")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch.get_float32_matmul_precision(), as torch.matmul does."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, backward_configs, dot_precision
+from ._config import INTERPRET, backward_configs, check_row_counts, dot_precision
 from .lse_forward import scaled_logit_tile
 
 @triton.jit
@@ -31,18 +31,18 @@ def _exp_weighted_matmul_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_R).to(tl.int64) + row_start + pid * BLOCK_R
+    rows = tl.arange(0, BLOCK_R) + row_start + pid * BLOCK_R  # 32-bit indices (check_row_counts), 64-bit offsets
     row_ok = rows < row_end
     scale = tl.load(scale_ptr)
     if HAS_ROW_TERM:
         row_w = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)
         row_off = tl.load(row_off_ptr + rows, mask=row_ok, other=0.0)
     if POSITIVES == 1:  # by row: row r's positive is column pos_index[r]
-        row_target = tl.load(pos_index_ptr + rows, mask=row_ok, other=-1)
+        row_target = tl.load(pos_index_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         row_coeff = tl.load(pos_coeff_ptr + rows, mask=row_ok, other=0.0)
 
     for col_block in range(0, tl.cdiv(n_cols, BLOCK_C)):
-        cols = tl.arange(0, BLOCK_C).to(tl.int64) + col_block * BLOCK_C
+        cols = tl.arange(0, BLOCK_C) + col_block * BLOCK_C
         col_ok = cols < n_cols
         s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, row_end, n_cols, dim, stride_ar, stride_ad,
                               stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
@@ -60,7 +60,7 @@ def _exp_weighted_matmul_kernel(
         if POSITIVES == 1:
             g += tl.where(row_target[:, None] == cols[None, :], row_coeff[:, None], 0.0)
         if POSITIVES == 2:  # by column: column c's positive is row pos_index[c]
-            col_target = tl.load(pos_index_ptr + cols, mask=col_ok, other=-1)
+            col_target = tl.load(pos_index_ptr + cols, mask=col_ok, other=-1).to(tl.int32)
             col_coeff = tl.load(pos_coeff_ptr + cols, mask=col_ok, other=0.0)
             g += tl.where(col_target[None, :] == rows[:, None], col_coeff[None, :], 0.0)
 
@@ -69,11 +69,11 @@ def _exp_weighted_matmul_kernel(
         for d0 in range(0, dim, BLOCK_D):
             ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
             d_ok = ds < dim
-            b = tl.load(b_ptr + cols[:, None] * stride_bc + ds[None, :] * stride_bd,
+            b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 b = b.to(tl.float32)
-            out_ptrs = out_ptr + (rows - row_start)[:, None] * stride_or + ds[None, :]
+            out_ptrs = out_ptr + (rows - row_start)[:, None].to(tl.int64) * stride_or + ds[None, :]
             out_ok = row_ok[:, None] & d_ok[None, :]
             # The running sum is the product's accumulator: its load is issued before the
             # product needs it, and no separate add is made.
@@ -89,6 +89,7 @@ _exp_weighted_matmul_tuned = triton.autotune(
 def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
                           positives_by, exclude_diagonal, row_start, row_end):
     """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract)."""
+    check_row_counts(a.shape[0], b.shape[0])
     out = torch.zeros(row_end - row_start, a.shape[1], dtype=torch.float32, device=a.device)
     absent = scale  # stands in for the pointers of a term the constexpr flags switch off
     grid = lambda meta: (triton.cdiv(row_end - row_start, meta["BLOCK_R"]),)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, MIN_BLOCK, dot_precision, lse_configs
+from ._config import INTERPRET, MIN_BLOCK, check_row_counts, dot_precision, lse_configs
 
 
 @triton.jit
@@ -24,9 +24,9 @@ def scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, 
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
-        a = tl.load(a_ptr + rows[:, None] * stride_ar + ds[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_ar + ds[None, :] * stride_ad,
                     mask=(rows[:, None] < n_rows) & (ds[None, :] < dim), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bc + ds[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
                     mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0)
         if UPCAST:  # the interpreter's tl.dot multiplies raw bf16 bit patterns
             a = a.to(tl.float32)
@@ -42,7 +42,7 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_s
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_R).to(tl.int64) + pid * BLOCK_R
+    rows = tl.arange(0, BLOCK_R) + pid * BLOCK_R  # 32-bit indices (check_row_counts), 64-bit offsets
     row_ok = rows < n_rows
     scale = tl.load(scale_ptr)
     row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -52,7 +52,7 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_s
         col_block = step
         if MERGE_COLUMNS:
             col_block = (step + pid) % n_col_blocks
-        cols = tl.arange(0, BLOCK_C).to(tl.int64) + col_block * BLOCK_C
+        cols = tl.arange(0, BLOCK_C) + col_block * BLOCK_C
         col_ok = cols < n_cols
         s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
                               stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
@@ -96,6 +96,7 @@ _lse_forward_tuned = triton.autotune(
 def lse_forward(a, b, scale, exclude_diagonal, merge_columns):
     """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused)."""
     n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
+    check_row_counts(n_rows, n_cols)
     row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
     if merge_columns:
         col_max = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
