@@ -44,11 +44,11 @@ FLASHCL_BACKENDS = ("triton", "cuda")
 CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl")
 
 
-def load_contender(name, device):
+def load_contender(name, device, dtype):
     """The loss function of a contender, or None when it cannot run here."""
     if name in FLASHCL_BACKENDS:
         # available_backends, not backend="cuda" alone: that falls back, with a warning, to another backend
-        if name not in flashcl.available_backends(device, torch.bfloat16 if device.type == "cuda" else torch.float32):
+        if name not in flashcl.available_backends(device, dtype):
             return None
         return functools.partial(flashcl.clip_loss, backend=name)
     if name == "textbook":
@@ -245,7 +245,7 @@ def main():
             "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:]}
     grid = [(n, d) for d in args.dims for n in args.batch_sizes]
     grid += [tuple(int(v) for v in point.split(":")) for point in args.extra]
-    loss_fns = {name: load_contender(name, device) for name in args.contenders}
+    loss_fns = {name: load_contender(name, device, dtype) for name in args.contenders}
     points = []
     for (n, d), name in tqdm([(shape, name) for shape in grid for name in args.contenders], desc="points"):
         floor_ms = 1e3 * max(8 * n * n * d / (meta["matmul_tflops"] * 1e12), 2 * n * n / meta["exp_per_s"])

@@ -59,19 +59,20 @@ class RecordLaunch:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def recorded_launches(module, attribute, call):
-    """The (args, kwargs) `call` passes to module.attribute, whose launches are recorded, not run."""
+def recorded_launch(module, attribute, call):
+    """The (args, kwargs) of the one launch `call` makes of module.attribute, recorded, not run."""
     recorder, original = RecordLaunch(), getattr(module, attribute)
     setattr(module, attribute, recorder)
     try:
         call()
     finally:
         setattr(module, attribute, original)
-    return recorder.calls
+    (launch,) = recorder.calls  # each wrapper launches its kernel once
+    return launch
 
 
 def cases(dtype):
-    """(kernel name, flags, jit function, configs, launches) for the flag sets the losses use."""
+    """(kernel name, flags, jit function, configs, launch) for the flag sets the losses use."""
     n, m, d = 300, 200, 768
     x, y = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
     scale = torch.tensor(10.0)
@@ -82,16 +83,16 @@ def cases(dtype):
     backward = exp_weighted_backward._exp_weighted_matmul_kernel, exp_weighted_backward.backward_configs()
 
     def lse(diagonal, merge_columns):
-        return recorded_launches(lse_forward, "_lse_forward_tuned", lambda: lse_forward.lse_forward(
+        return recorded_launch(lse_forward, "_lse_forward_tuned", lambda: lse_forward.lse_forward(
             x, y, scale, diagonal, merge_columns))
 
     def products(row_term, col_term, positives_by, diagonal):
-        return recorded_launches(exp_weighted_backward, "_exp_weighted_matmul_tuned",
-                                 lambda: exp_weighted_backward.exp_weighted_products(
-                                     x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
-                                     *((cols_w, cols_off) if col_term else (None, None)),
-                                     *((targets, coeff) if positives_by else (None, None)),
-                                     positives_by, diagonal, 0, n))
+        return recorded_launch(exp_weighted_backward, "_exp_weighted_matmul_tuned",
+                               lambda: exp_weighted_backward.exp_weighted_products(
+                                   x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
+                                   *((cols_w, cols_off) if col_term else (None, None)),
+                                   *((targets, coeff) if positives_by else (None, None)),
+                                   positives_by, diagonal, 0, n))
 
     yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
     yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
@@ -101,14 +102,17 @@ def cases(dtype):
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers, spill bytes and the instruction mix ptxas reports for one kernel."""
+    """The registers and spill bytes ptxas reports for one kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ptx"
         path.write_text(ptx)
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
-    number = lambda pattern: int(re.search(pattern, log).group(1)) if re.search(pattern, log) else 0
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
     return dict(registers=number(r"Used (\d+) registers"),
                 spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"))
@@ -135,22 +139,21 @@ def main(argv=None):
     triton.runtime.driver.set_active(CompileOnlyDriver(args.arch))
     rows, failed = [], 0
     for dtype_name in args.dtype:
-        for kernel_name, flags, fn, configs, launches in cases(getattr(torch, dtype_name)):
+        for kernel_name, flags, fn, configs, launch in cases(getattr(torch, dtype_name)):
             for config in configs[:1] if args.first_config else configs:
-                for launch in launches:
-                    row = dict(arch=args.arch, dtype=dtype_name, kernel=kernel_name, flags=flags)
-                    try:
-                        row.update(compile_case(fn, config, launch, args.arch))
-                    except Exception as error:  # report every failure, not just the first
-                        failed += 1
-                        row.update(config=str(config), error=f"{type(error).__name__}: {error}"[:500])
-                    rows.append(row)
-                    if "error" in row:
-                        print(f"FAILED {dtype_name} {kernel_name} [{flags}] {row['config']}: {row['error']}")
-                    else:
-                        print(f"{dtype_name:9} {kernel_name:13} {row['config']:22} {row['mma']:8} "
-                              f"regs {row['registers']:3}  spill {row['spill_stores']:4}/{row['spill_loads']:<4} "
-                              f"smem {row['shared_bytes'] // 1024:3} KiB  [{flags}]", flush=True)
+                row = dict(arch=args.arch, dtype=dtype_name, kernel=kernel_name, flags=flags)
+                try:
+                    row.update(compile_case(fn, config, launch, args.arch))
+                except Exception as error:  # report every failure, not just the first
+                    failed += 1
+                    row.update(config=str(config), error=f"{type(error).__name__}: {error}"[:500])
+                rows.append(row)
+                if "error" in row:
+                    print(f"FAILED {dtype_name} {kernel_name} [{flags}] {row['config']}: {row['error']}")
+                else:
+                    print(f"{dtype_name:9} {kernel_name:13} {row['config']:22} {row['mma']:8} "
+                          f"regs {row['registers']:3}  spill {row['spill_stores']:4}/{row['spill_loads']:<4} "
+                          f"smem {row['shared_bytes'] // 1024:3} KiB  [{flags}]", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))
     return 1 if failed else 0

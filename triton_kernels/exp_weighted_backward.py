@@ -19,6 +19,7 @@ import triton.language as tl
 from ._config import INTERPRET, backward_configs, check_row_counts, dot_precision
 from .lse_forward import scaled_logit_tile
 
+
 @triton.jit
 def _exp_weighted_matmul_kernel(
     a_ptr, b_ptr, out_ptr, scale_ptr,

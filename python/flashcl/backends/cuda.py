@@ -9,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
+from .fused import KERNEL_DTYPES, FusedKernels, exp_weighted_products_fake, lse_forward_fake
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BUILD_HINT = "build it with FLASHCL_BUILD_CUDA=1 pip install --no-build-isolation ."
 
 
@@ -40,7 +39,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     """Why the kernels cannot take tensors of this device and dtype, or None."""
     if device.type != "cuda":
         return "the CUDA kernels need CUDA tensors"
-    if dtype not in DTYPES:
+    if dtype not in KERNEL_DTYPES:
         return "the CUDA kernels take float16, bfloat16 or float32 inputs"
     return None
 

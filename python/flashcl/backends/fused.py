@@ -24,6 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what both kernel families take
 SCRATCH_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 128
 ROWS_PER_MULTIPROCESSOR = 64  # the smallest row block of the product kernels

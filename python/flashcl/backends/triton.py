@@ -12,10 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .fused import FusedKernels, exp_weighted_products_fake, lse_forward_fake
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from .fused import KERNEL_DTYPES, FusedKernels, exp_weighted_products_fake, lse_forward_fake
 
 # Decided once, at import: torch.compile then reads a constant instead of tracing a lookup.
 INSTALLED = importlib.util.find_spec("triton") is not None
@@ -30,7 +27,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     """Why the kernels cannot take tensors of this device and dtype, or None."""
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return "Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them on CPU tensors, slowly, for tests)"
-    if dtype not in DTYPES:
+    if dtype not in KERNEL_DTYPES:
         return "the Triton kernels take float16, bfloat16 or float32 inputs"
     return None
 
