@@ -14,7 +14,7 @@ SOURCES := pyproject.toml setup.py $(shell find python -name "*.py")
 CUDA_TORCH ?= torch==2.14.1
 CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= /usr/local/cuda
-CUDA_ARCHS ?= 8.0;9.0
+CUDA_ARCHS ?= 8.0;9.0+PTX
 
 .PHONY: test bench cuda-build-check clean
 
@@ -47,7 +47,8 @@ cuda-build-check: $(CUDA_VENV)/.deps
 
 $(CUDA_VENV)/.deps:
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" "numpy<3" "pytest>=7" setuptools wheel
+	# ninja: without it torch's BuildExtension falls back to a slow serial build.
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" "numpy<3" "pytest>=7" setuptools wheel ninja
 	touch $@
 
 clean:

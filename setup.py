@@ -9,7 +9,8 @@ isolated build cannot see your torch, as with flash-attn):
     FLASHCL_BUILD_CUDA=auto   build when possible, else install pure Python (default)
     FLASHCL_BUILD_CUDA=1      build or fail
     FLASHCL_BUILD_CUDA=0      never build
-    TORCH_CUDA_ARCH_LIST      target architectures (default "8.0;9.0": A100, H100/H200)
+    TORCH_CUDA_ARCH_LIST      target architectures (default "8.0;9.0+PTX": A100, H100/H200, and PTX
+                              of the newest, which the driver compiles for later GPUs)
 """
 import os
 import sys
@@ -19,7 +20,7 @@ from setuptools import setup
 
 PACKAGE_DIRS = {"flashcl": "python/flashcl", "flashcl.triton_kernels": "triton_kernels"}
 CUDA_SOURCES = ["csrc/ops.cpp", "csrc/lse_forward.cu", "csrc/exp_weighted_backward.cu"]
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def cuda_build_plan(mode: str, torch_version: Optional[str], torch_cuda: Optional[str],

@@ -19,6 +19,11 @@ export PYTHONPATH=$site
 if ! python3 -c "import flashcl, flashcl._C" 2>/dev/null; then
     arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
     shopt -s nullglob
+    ninja=(.whl/ninja-*.whl)
+    if [[ ${#ninja[@]} -gt 0 ]] && ! command -v ninja >/dev/null; then  # else torch builds serially
+        python3 -m pip install -q --no-index --no-deps --target "$site" "${ninja[@]}"
+    fi
+    export PATH=$site/bin:$PATH
     wheels=(.whl/*.whl)
     FLASHCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) python3 -m pip install -q --no-index \
         --no-deps --no-build-isolation --target "$site" . "${wheels[@]}" 2>&1 | tail -20
@@ -42,6 +47,11 @@ if [[ $phase == test || $phase == all ]]; then
         timeout 420 python3 -m pytest -q -rfE -p no:cacheprovider $parallel $per_test tests > "$out/gpu_tests.log" 2>&1
     echo "pytest exit $?"
     tail -40 "$out/gpu_tests.log"
+    # The suite pins one config; this runs the autotuner itself (every config, reset_to_zero between runs).
+    FLASHCL_TEST_DEVICE=cuda FLASHCL_TRITON_AUTOTUNE=1 timeout 150 python3 -m pytest -q -rfE -p no:cacheprovider \
+        tests/test_compiled_backends.py -k test_autotuned_kernels_match > "$out/gpu_tests_autotuned.log" 2>&1
+    echo "autotuned pytest exit $?"
+    tail -5 "$out/gpu_tests_autotuned.log"
 fi
 if [[ $phase == bench || $phase == all ]]; then
     python3 benchmarks/bench_gpu.py --out "$out/clip_loss_gpu" "$@"

@@ -49,30 +49,26 @@ class CompileOnlyDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
-class RecordLaunch:
-    """Stands in for an autotuned kernel: `kernel[grid](*args, **kwargs)` records the call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
-
-
-def recorded_launch(module, attribute, call):
-    """The (args, kwargs) of the one launch `call` makes of module.attribute, recorded, not run."""
-    recorder, original = RecordLaunch(), getattr(module, attribute)
-    setattr(module, attribute, recorder)
+def recorded_launch(module, call):
+    """The (args, kwargs) of the one kernel launch `call` makes through module.launch, recorded, not run."""
+    calls, original = [], module.launch
+    module.launch = lambda tuned, grid, args, kwargs, fixed_config, device: calls.append((args, kwargs))
     try:
         call()
     finally:
-        setattr(module, attribute, original)
-    (launch,) = recorder.calls  # each wrapper launches its kernel once
+        module.launch = original
+    (launch,) = calls  # each wrapper launches its kernel once
     return launch
 
 
-def cases(dtype):
+# What --dtype names: the input dtype, and the fp32 product precision where it matters.
+PRODUCTS = {"bfloat16": (torch.bfloat16, "ieee"), "float16": (torch.float16, "ieee"),
+            "float32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32")}
+
+
+def cases(dtype_name):
     """(kernel name, flags, jit function, configs, launch) for the flag sets the losses use."""
+    dtype, precision = PRODUCTS[dtype_name]
     n, m, d = 300, 200, 768
     x, y = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
     scale = torch.tensor(10.0)
@@ -82,17 +78,20 @@ def cases(dtype):
     forward = lse_forward._lse_forward_kernel, lse_forward.lse_configs()
     backward = exp_weighted_backward._exp_weighted_matmul_kernel, exp_weighted_backward.backward_configs()
 
+    def with_precision(launch):
+        args, kwargs = launch
+        return args, {**kwargs, "PRECISION": precision}
+
     def lse(diagonal, merge_columns):
-        return recorded_launch(lse_forward, "_lse_forward_tuned", lambda: lse_forward.lse_forward(
-            x, y, scale, diagonal, merge_columns))
+        return with_precision(recorded_launch(lse_forward, lambda: lse_forward.lse_forward(
+            x, y, scale, diagonal, merge_columns)))
 
     def products(row_term, col_term, positives_by, diagonal):
-        return recorded_launch(exp_weighted_backward, "_exp_weighted_matmul_tuned",
-                               lambda: exp_weighted_backward.exp_weighted_products(
-                                   x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
-                                   *((cols_w, cols_off) if col_term else (None, None)),
-                                   *((targets, coeff) if positives_by else (None, None)),
-                                   positives_by, diagonal, 0, n))
+        return with_precision(recorded_launch(exp_weighted_backward, lambda: exp_weighted_backward.exp_weighted_products(
+            x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
+            *((cols_w, cols_off) if col_term else (None, None)),
+            *((targets, coeff) if positives_by else (None, None)),
+            positives_by, diagonal, 0, n)))
 
     yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
     yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
@@ -118,6 +117,21 @@ def ptxas_report(ptx: str, arch: int) -> dict:
                 spill_loads=number(r"(\d+) bytes spill loads"))
 
 
+def lock_release_is_fenced(ptx: str):
+    """Whether every lock release (an atomic exchange) follows a CTA barrier placed after the last
+    global store before it, so every warp's stores are ordered before the one releasing thread's
+    atomic; None for a kernel that releases no lock."""
+    lines = ptx.splitlines()
+    releases = [i for i, line in enumerate(lines) if "atom." in line and ".exch." in line]
+    for i in releases:
+        for line in reversed(lines[:i]):
+            if "bar.sync" in line or "barrier.sync" in line:
+                break
+            if "st.global" in line:
+                return False
+    return bool(releases) or None
+
+
 def compile_case(fn, config, launch, arch: int) -> dict:
     args, kwargs = launch
     kwargs = {**kwargs, **config.all_kwargs()}
@@ -125,13 +139,17 @@ def compile_case(fn, config, launch, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
     config_name = "R{BLOCK_R} C{BLOCK_C} D{BLOCK_D} w{num_warps} s{num_stages}".format(**kwargs)
-    return dict(config=config_name, mma=mma, shared_bytes=kernel.metadata.shared, **ptxas_report(ptx, arch))
+    return dict(config=config_name, mma=mma, shared_bytes=kernel.metadata.shared,
+                lock_release_fenced=lock_release_is_fenced(ptx),
+                source_barriers=kernel.asm["ttgir"].count("ttg.barrier"),  # tl.debug_barrier()s that survived
+                **ptxas_report(ptx, arch))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", nargs="+", default=list(PRODUCTS), choices=list(PRODUCTS),
+                        help="input dtypes; tf32 is float32 inputs multiplied in tf32")
     parser.add_argument("--first-config", action="store_true", help="only the config FLASHCL_TRITON_AUTOTUNE=0 runs")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
@@ -139,7 +157,7 @@ def main(argv=None):
     triton.runtime.driver.set_active(CompileOnlyDriver(args.arch))
     rows, failed = [], 0
     for dtype_name in args.dtype:
-        for kernel_name, flags, fn, configs, launch in cases(getattr(torch, dtype_name)):
+        for kernel_name, flags, fn, configs, launch in cases(dtype_name):
             for config in configs[:1] if args.first_config else configs:
                 row = dict(arch=args.arch, dtype=dtype_name, kernel=kernel_name, flags=flags)
                 try:

@@ -2,23 +2,30 @@
 //   G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + the positive pairs' coefficients.
 //
 // A block owns 64 rows of the fp32 output and sweeps every column block: S tile, then the
-// G tile in shared memory (in the input dtype for the tensor-core product), then G @ b[cols]
-// added into its rows of the output 32 columns of D at a time. No two blocks write the same
+// G tile in shared memory (in the input dtype, row-rescaled, for the tensor-core product),
+// then G @ b[cols] added into its rows of the output 32 columns of D at a time. No two blocks write the same
 // row: no atomics, bit-identical results run to run. dx is this kernel on (x, y); dy the
 // same kernel on (y, x) with the row and column terms swapped.
+#include <cfloat>
+
 #include "tile.cuh"
 
 namespace flashcl {
 namespace {
 
-// G lives in its own tile in the input dtype for the tensor-core product; for fp32 it
+// For the tensor-core product G is rounded to the input dtype, and nothing bounds it (a gamma
+// weight u multiplies exp(S - LSE) by u): each row of the G tile is divided by its largest
+// magnitude first and the row's product multiplied back in fp32, so G cannot overflow fp16
+// and a row of small weights keeps its own precision. G lives in its own tile; for fp32 it
 // overwrites S in place, which keeps the block within 48 KB of static shared memory.
 template <typename T, bool = kTensorCores<T>>
 struct BackwardBuffers {
   TileBuffers<T> tile;
   alignas(32) T g[kBlockR][kBlockC + kPadT];
   alignas(32) float out[kBlockR][kBlockD + kPadF];
+  float row_peak[kBlockR], row_inverse[kBlockR];
   __device__ T (*g_rows())[kBlockC + kPadT] { return g; }
+  __device__ float row_scale(int r) const { return row_peak[r]; }
 };
 
 template <typename T>
@@ -26,6 +33,7 @@ struct BackwardBuffers<T, false> {
   TileBuffers<T> tile;
   alignas(32) float out[kBlockR][kBlockD + kPadF];
   __device__ float (*g_rows())[kBlockC + kPadF] { return tile.s; }
+  __device__ float row_scale(int) const { return 1.0f; }
 };
 
 template <typename T>
@@ -38,11 +46,11 @@ __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<
   Matrix<T> rows = a;
   rows.rows = row_end;  // rows past the chunk are padding
   const int64_t n_col_blocks = (b.rows + kBlockC - 1) / kBlockC;
-  auto g_tile = buf.g_rows();
 
   for (int64_t col_block = 0; col_block < n_col_blocks; ++col_block) {
     const int64_t col0 = col_block * kBlockC;
     scaled_logit_tile(buf.tile, rows, b, row0, col0, dim, scale);
+    // G in fp32, in place of S.
     for (int e = threadIdx.x; e < kBlockR * kBlockC; e += kThreads) {
       const int r = e / kBlockC, c = e % kBlockC;
       const int64_t i = row0 + r, j = col0 + c;
@@ -57,9 +65,28 @@ __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<
         if (terms.positives_by == kPositivesByRow && terms.pos_index[i] == j) g += terms.pos_coeff[i];
         if (terms.positives_by == kPositivesByColumn && terms.pos_index[j] == i) g += terms.pos_coeff[j];
       }
-      g_tile[r][c] = from_float<T>(g);
+      buf.tile.s[r][c] = g;
     }
     __syncthreads();
+    if constexpr (kTensorCores<T>) {
+      const int r = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row, as in the forward
+      float peak = 0.0f;
+      for (int c = half * 32; c < half * 32 + 32; ++c) peak = fmaxf(peak, fabsf(buf.tile.s[r][c]));
+      peak = fmaxf(peak, __shfl_xor_sync(0xffffffff, peak, 1));
+      // At least the smallest normal float, so the reciprocal is finite; an all-zero row stays 0.
+      peak = fmaxf(peak, FLT_MIN);
+      if (half == 0) {
+        buf.row_peak[r] = peak;
+        buf.row_inverse[r] = 1.0f / peak;
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < kBlockR * kBlockC; e += kThreads) {
+        const int rr = e / kBlockC, c = e % kBlockC;
+        buf.g[rr][c] = from_float<T>(buf.tile.s[rr][c] * buf.row_inverse[rr]);
+      }
+      __syncthreads();
+    }
+    auto g_tile = buf.g_rows();
 
     for (int64_t d0 = 0; d0 < dim; d0 += kBlockD) {
       stage<T, kBlockC>(buf.tile.b, b, col0, d0, dim);
@@ -71,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<
         for (int i = 0; i < 2; ++i) wmma::fill_fragment(acc[i], 0.0f);
         for (int k = 0; k < kBlockC; k += 16) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fb, &buf.tile.b[k][warp_d], kBlockD + kPadT);
+          wmma::load_matrix_sync(fb, &buf.tile.b[k][warp_d], kStageStride<T>);
           for (int i = 0; i < 2; ++i) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fg;
             wmma::load_matrix_sync(fg, &g_tile[warp_r + 16 * i][k], kBlockC + kPadT);
@@ -93,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<
       for (int e = threadIdx.x; e < kBlockR * kBlockD; e += kThreads) {
         const int r = e / kBlockD, k = e % kBlockD;
         const int64_t i = row0 + r, d = d0 + k;
-        if (i < row_end && d < dim) out[(i - row_start) * dim + d] += buf.out[r][k];
+        if (i < row_end && d < dim) out[(i - row_start) * dim + d] += buf.row_scale(r) * buf.out[r][k];
       }
       __syncthreads();
     }

@@ -19,7 +19,7 @@ struct LseForwardArgs {
   int64_t a_row_stride, a_col_stride, b_row_stride, b_col_stride;
   const float* scale;  // device scalar
   float* row_lse;      // (n_rows,)
-  float *col_max, *col_sum;  // (n_cols,), zeroed; used when merge_columns
+  float *col_max, *col_sum;  // (n_cols,), -inf and 0; used when merge_columns
   int* locks;                // (ceil(n_cols / kColumnBlock),), zeroed; used when merge_columns
   bool exclude_diagonal, merge_columns;
 };

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -66,7 +67,9 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Te
   at::Tensor row_lse = at::empty({a.size(0)}, f32);
   at::Tensor col_max, col_sum, locks;
   if (merge_columns) {
-    col_max = at::zeros({b.size(0)}, f32);
+    // -inf, "nothing yet": a zero would cap every column's running max at >= 0, and a column
+    // whose logits all lie below about -104 would sum to 0 in fp32 (LSE -inf, NaN gradients).
+    col_max = at::full({b.size(0)}, -std::numeric_limits<float>::infinity(), f32);
     col_sum = at::zeros({b.size(0)}, f32);
     locks = at::zeros({(b.size(0) + kColumnBlock - 1) / kColumnBlock}, a.options().dtype(at::kInt));
   }

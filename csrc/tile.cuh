@@ -5,6 +5,10 @@
 // matrices), and multiplies them: bf16/fp16 through WMMA tensor-core fragments with fp32
 // accumulation (4 warps, each a 32 x 32 quarter), fp32 with exact fp32 FMAs. The scaled
 // tile lands in shared memory as fp32 for the element-wise epilogues.
+//
+// Staged rows are padded: to 40 elements for WMMA (leading dimensions a multiple of 8),
+// to 33 floats for fp32, an odd stride, so the 16 rows a half-warp reads at one k fall in
+// 16 different banks (at 40 floats they fell in one: a 16-way conflict).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,6 +32,12 @@ constexpr int kPadF = 4;   // and of 4 for fp32
 
 template <typename T>
 constexpr bool kTensorCores = !std::is_same<T, float>::value;
+
+// The row stride of staged a and b tiles (see the top of this file).
+template <typename T>
+constexpr int kStageStride = kBlockD + (kTensorCores<T> ? kPadT : 1);
+static_assert(kStageStride<float> % 2 == 1, "fp32 staged rows need an odd stride to spread over the banks");
+static_assert(kStageStride<__half> % 8 == 0, "WMMA needs a leading dimension that is a multiple of 8");
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
@@ -63,14 +73,14 @@ cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
 
 template <typename T>
 struct TileBuffers {
-  alignas(32) T a[kBlockR][kBlockD + kPadT];
-  alignas(32) T b[kBlockC][kBlockD + kPadT];
+  alignas(32) T a[kBlockR][kStageStride<T>];
+  alignas(32) T b[kBlockC][kStageStride<T>];
   alignas(32) float s[kBlockR][kBlockC + kPadF];
 };
 
 // Copies rows [first, first + R) and columns [d0, d0 + kBlockD) of m into dst, zero-padded.
 template <typename T, int R>
-__device__ __forceinline__ void stage(T (*dst)[kBlockD + kPadT], const Matrix<T>& m, int64_t first, int64_t d0,
+__device__ __forceinline__ void stage(T (*dst)[kStageStride<T>], const Matrix<T>& m, int64_t first, int64_t d0,
                                      int64_t dim) {
   for (int e = threadIdx.x; e < R * kBlockD; e += kThreads) {
     const int r = e / kBlockD, k = e % kBlockD;
@@ -96,8 +106,8 @@ __device__ void scaled_logit_tile(TileBuffers<T>& tile, const Matrix<T>& a, cons
       for (int k = 0; k < kBlockD; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];  // b's rows are S's columns
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &tile.a[warp_r + 16 * i][k], kBlockD + kPadT);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &tile.b[warp_c + 16 * j][k], kBlockD + kPadT);
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &tile.a[warp_r + 16 * i][k], kStageStride<T>);
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &tile.b[warp_c + 16 * j][k], kStageStride<T>);
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
@@ -110,8 +120,10 @@ __device__ void scaled_logit_tile(TileBuffers<T>& tile, const Matrix<T>& a, cons
                                 wmma::mem_row_major);
       }
   } else {
-    // fp32: each thread an 8 x 4 block of the tile, exact FMAs (never tf32).
-    const int r0 = (threadIdx.x / 16) * 8, c0 = (threadIdx.x % 16) * 4;
+    // fp32: each thread 8 rows x 4 columns of the tile, exact FMAs (never tf32). A half-warp's
+    // 16 threads take 16 adjacent columns (c0 + 16 j), so at each k they read 16 adjacent
+    // staged rows of b: different banks at the odd stride.
+    const int r0 = (threadIdx.x / 16) * 8, c0 = threadIdx.x % 16;
     float acc[8][4] = {};
     for (int64_t d0 = 0; d0 < dim; d0 += kBlockD) {
       stage<T, kBlockR>(tile.a, a, row0, d0, dim);
@@ -119,11 +131,11 @@ __device__ void scaled_logit_tile(TileBuffers<T>& tile, const Matrix<T>& a, cons
       __syncthreads();
       for (int k = 0; k < kBlockD; ++k)
         for (int i = 0; i < 8; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(tile.a[r0 + i][k], tile.b[c0 + j][k], acc[i][j]);
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(tile.a[r0 + i][k], tile.b[c0 + 16 * j][k], acc[i][j]);
       __syncthreads();
     }
     for (int i = 0; i < 8; ++i)
-      for (int j = 0; j < 4; ++j) tile.s[r0 + i][c0 + j] = acc[i][j] * scale;
+      for (int j = 0; j < 4; ++j) tile.s[r0 + i][c0 + 16 * j] = acc[i][j] * scale;
   }
   __syncthreads();
 }

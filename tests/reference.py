@@ -37,8 +37,8 @@ def lse(x, y, scale, exclude_diagonal=False):
     return s.logsumexp(1), s.logsumexp(0)
 
 
-def exp_weighted_grad(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exclude_diagonal=False):
-    """dx, dy, ds of primitive 2 from the materialized G."""
+def exp_weights(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exclude_diagonal=False):
+    """The materialized G of primitive 2, in float64."""
     x, y, scale = x.double(), y.double(), scale.double()
     s = logits(x, y, scale)
     g = torch.zeros_like(s)
@@ -51,4 +51,11 @@ def exp_weighted_grad(x, y, scale, a=None, o=None, b=None, p=None, positives=Non
     if positives is not None:
         targets, coeff = positives
         g[torch.arange(x.shape[0]), targets] += coeff.double()
+    return g
+
+
+def exp_weighted_grad(x, y, scale, **terms):
+    """dx, dy, ds of primitive 2 from the materialized G."""
+    x, y, scale = x.double(), y.double(), scale.double()
+    g = exp_weights(x, y, scale, **terms)
     return scale * g @ y, scale * g.T @ x, (g * (x @ y.T)).sum()

@@ -1,6 +1,8 @@
 """The compiled backends end to end: Triton (on CPU through Triton's interpreter, on CUDA when run
 there) and the CUDA extension (on a GPU machine where it was built)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -137,3 +139,141 @@ def test_triton_unavailable_reasons(monkeypatch):
 
 def test_auto_does_not_pick_the_triton_interpreter():
     assert resolve_backend("auto", torch.randn(2, 2, device="cpu")).name == "torch"
+
+
+requires_triton = pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
+AUTOTUNING = triton_backend.INSTALLED and importlib.import_module("flashcl.triton_kernels._config").AUTOTUNE
+
+
+@pytest.fixture
+def float32_precision_settings():
+    """Restores torch's fp32 matmul precision settings, new API and legacy, after a test changes them."""
+    matmul, generic = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    yield
+    torch.backends.fp32_precision = generic
+    torch.backends.cuda.matmul.fp32_precision = matmul
+    torch.get_float32_matmul_precision()  # consistent again: the legacy getter no longer raises
+
+
+@requires_triton
+@pytest.mark.parametrize("setting,expected", [
+    (lambda: None, "ieee"),
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "ieee"),
+    (lambda: setattr(torch.backends, "fp32_precision", "tf32"), "tf32"),  # cuda.matmul "none" defers to it
+])
+def test_float32_precision_follows_either_torch_api(float32_precision_settings, setting, expected, generator):
+    """torch's new per-backend API makes the legacy getter raise once used: reading the precision must
+    not, and an fp32 loss through the Triton kernels must still run."""
+    from flashcl.triton_kernels import _config
+
+    setting()
+    assert _config.dot_precision(torch.float32) == expected
+    assert _config.dot_precision(torch.bfloat16) == "ieee"
+    x, y = unit_rows(20, 8, generator), unit_rows(20, 8, generator)
+    torch.testing.assert_close(flashcl.clip_loss(x, y, 5.0, backend="triton"), flashcl.clip_loss(x, y, 5.0, backend="torch"))
+
+
+class _Launches:
+    """A Triton kernel's stand-in: `kernel[grid](*args, **kwargs)` records the keyword arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+class _Autotuned(_Launches):
+    """An autotuned kernel's stand-in: its configs, and the jit function it wraps as .fn."""
+
+    def __init__(self, configs):
+        super().__init__()
+        self.configs, self.fn = configs, _Launches()
+
+
+@requires_triton
+def test_fixed_config_launches_the_first_config_on_the_tensors_device(monkeypatch):
+    """Deterministic runs launch one config (the autotuner's pick can differ between processes, and
+    with it the summation order), and every launch happens under the tensors' device."""
+    import triton
+
+    from flashcl.triton_kernels import _config
+
+    entered = []
+
+    class RecordingDeviceGuard:  # torch.cuda.device needs a GPU to enter
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDeviceGuard)
+    configs = [triton.Config(dict(BLOCK_R=64), num_warps=8), triton.Config(dict(BLOCK_R=32), num_warps=4)]
+    tuned = _Autotuned(configs)
+    _config.launch(tuned, (1,), (1, 2), dict(FLAG=True), fixed_config=False, device=torch.device("cuda:1"))
+    _config.launch(tuned, (1,), (1, 2), dict(FLAG=True), fixed_config=True, device=torch.device("cuda:1"))
+    assert tuned.calls == [dict(FLAG=True)]  # the autotuner chose
+    assert tuned.fn.calls == [dict(FLAG=True, **configs[0].all_kwargs())]  # the first config, pinned
+    assert entered == [torch.device("cuda:1"), None] * 2
+    _config.launch(tuned, (1,), (), {}, fixed_config=False, device=torch.device("cpu"))  # the interpreter: no guard
+    assert len(entered) == 4
+
+
+@requires_triton
+def test_deterministic_backend_pins_the_config():
+    for deterministic in (True, False):
+        kernels = triton_backend.make(deterministic=deterministic)
+        assert kernels.deterministic is deterministic
+        assert kernels._lse_forward.keywords == kernels._products.keywords == dict(fixed_config=deterministic)
+
+
+@requires_triton
+def test_autotuning_keys_on_problem_size_and_kernel_flags():
+    """A choice tuned at N = 4096 must not be reused at 65536, nor one for the merged forward
+    for the rows-only one; a ragged batch shares its power-of-two bucket's choice."""
+    from flashcl.triton_kernels import _config, exp_weighted_backward, lse_forward
+
+    assert set(lse_forward._lse_forward_tuned.keys) >= {"dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL",
+                                                        "MERGE_COLUMNS", "PRECISION"}
+    assert set(exp_weighted_backward._exp_weighted_matmul_tuned.keys) >= {
+        "dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
+        "PRECISION"}
+    assert [_config.size_bucket(n) for n in (1, 4000, 4096, 4097, 65536)] == [1, 4096, 4096, 8192, 65536]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or not AUTOTUNING, reason="autotuning runs on a GPU with FLASHCL_TRITON_AUTOTUNE=1 (gpu_suite.sh's test phase)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_autotuned_kernels_match(dtype, generator):
+    """The autotuner times every config on the real buffers, zeroing the column statistics, locks
+    and accumulators between runs (reset_to_zero): the first call, which tunes, and the next,
+    which reuses the choice, both give the exact loss and gradients."""
+    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+
+    image = unit_rows(3000, 256, generator)
+    text = unit_rows(3000, 256, generator, like=image)
+    for _ in range(2):
+        check_against_reference(flashcl.clip_loss, reference.clip, [image, text], 30.0, dtype, "mean",
+                                backend="triton")
+    assert lse_forward._lse_forward_tuned.cache and exp_weighted_backward._exp_weighted_matmul_tuned.cache
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", COMPILED)
+def test_tensors_on_another_device_than_the_current_one(backend, generator):
+    """Kernels launch on the tensors' device and its current stream, not the current device's."""
+    image = unit_rows(200, 64, generator).to("cuda:1").requires_grad_()
+    text = unit_rows(200, 64, generator, like=image).to("cuda:1")
+    with torch.cuda.device(0):
+        loss = flashcl.clip_loss(image, text, 10.0, backend=backend)
+        (grad,) = torch.autograd.grad(loss, image)
+    want = reference.clip(image.double(), text.double(), 10.0)
+    (want_grad,) = torch.autograd.grad(want, image)
+    assert_close(loss, want, torch.float32, "loss", magnitude=10.0)
+    assert_close(grad, want_grad, torch.float32, "grad", magnitude=20.0 / 200)

@@ -6,6 +6,7 @@ FLASHCL_REQUIRE_CUDA_EXTENSION=1 (CI's CUDA build step) turns "not built here" s
 """
 import importlib.util
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,22 @@ def test_build_plan(setup_module, mode, facts, build, says):
 def test_build_plan_refuses(setup_module, mode, facts, says):
     with pytest.raises(SystemExit, match=says):
         setup_module.cuda_build_plan(mode, *facts)
+
+
+def test_default_architectures_carry_ptx_for_newer_gpus(setup_module):
+    """Without PTX, a GPU newer than the newest listed architecture (sm_100) has no kernel image."""
+    assert setup_module.DEFAULT_ARCH_LIST.split(";")[-1].endswith("+PTX")
+
+
+@requires_extension
+def test_built_extension_carries_ptx():
+    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip(f"no {cuobjdump} to list the extension's images")
+    import flashcl._C
+
+    listing = subprocess.run([str(cuobjdump), "--list-ptx", flashcl._C.__file__], capture_output=True, text=True)
+    assert ".ptx" in listing.stdout, listing.stdout + listing.stderr
 
 
 @pytest.fixture

@@ -57,6 +57,30 @@ def test_gradient_matches_materialized(backend, dtype, tiles, n, m, symmetric, e
     assert (out.col_lse is None) == (not symmetric)
 
 
+@pytest.mark.parametrize("backend,dtype,tiles", backend_cases([torch.float16]))
+def test_large_weights_in_half_precision(backend, dtype, tiles, generator):
+    """A weight u scales anchor i's softmax by u Z_i, so G outgrows the anchor weights (here by
+    10^5) while the gradient itself still fits fp16: the fp16 product must not overflow."""
+    n, d, scale = 256, 16, 10.0
+    a = unit_rows(n, d, generator)
+    b = unit_rows(n, d, generator, like=a, noise=0.3)
+    log_u_a = 5 + 4 * torch.rand(n, generator=generator, device=DEVICE)
+    log_u_b = -4 * torch.rand(n, generator=generator, device=DEVICE)
+    with torch.no_grad():  # what G reaches relative to the anchor weight 1/(2N): u exp(S_ij) / K
+        s = scale * a.double() @ b.double().T
+        assert (torch.exp(log_u_a.double()[:, None] + s) / n).max() > 2 * torch.finfo(dtype).max
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    with flashcl.tiling(**tiles):
+        out = flashcl.gamma_weighted_loss(a, b, scale, log_u_a, log_u_b, backend=backend)
+    grads = torch.autograd.grad(out.loss, (a, b))
+    ref_inputs = [t.detach().double().requires_grad_() for t in (a, b)]
+    ref_grads = torch.autograd.grad(reference_gamma(*ref_inputs, scale, log_u_a.double(), log_u_b.double()),
+                                    ref_inputs)
+    for name, g, r in zip(("a", "b"), grads, ref_grads):
+        assert torch.isfinite(g).all() and r.abs().max() < torch.finfo(dtype).max / 4
+        assert_close(g, r, dtype, f"grad {name}")
+
+
 def test_exact_weights_give_the_infonce_gradient(generator):
     """u_i = 1 / mean_j exp(S_ij) turns the decomposed gradient into InfoNCE's."""
     a, b = unit_rows(30, 8, generator).requires_grad_(), unit_rows(30, 8, generator).requires_grad_()

@@ -4,7 +4,7 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, assert_close, backend_cases, unit_rows
+from conftest import DEVICE, TOLERANCE, assert_close, backend_cases, unit_rows
 from flashcl.backends.torch_tiles import MIN_BLOCK, TILE_BUFFERS, Tiling, choose_tiles
 from flashcl.primitives import resolve_backend
 
@@ -146,3 +146,71 @@ def test_tiling_scope_is_captured_by_forward(generator):
         loss = flashcl.clip_loss(x, y, 5.0)
     assert loss.grad_fn.backend.tiles == Tiling(16, 16)
     loss.backward()
+
+
+@pytest.mark.parametrize("backend,dtype,tiles", backend_cases([torch.float32, torch.float16, torch.bfloat16]))
+def test_lse_of_columns_far_below_zero(backend, dtype, tiles, generator):
+    """Every logit of some columns lies near -145. A running column max that starts at 0 instead
+    of -inf sums their exponentials to 0 in fp32: column LSE -inf, then NaN gradients."""
+    n, m, d, scale = 70, 40, 16, 150.0
+    direction = unit_rows(1, d, generator, torch.float64)
+    x = unit_rows(n, d, generator, like=direction.expand(n, d), noise=0.05)
+    y = unit_rows(m, d, generator)
+    far = torch.arange(0, m, 3, device=DEVICE)
+    y[far] = unit_rows(len(far), d, generator, like=-direction.expand(len(far), d), noise=0.05)
+    x, y, s = x.to(dtype), y.to(dtype), torch.tensor(scale, device=DEVICE)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x)
+    ref_rows, ref_cols = reference.lse(x.double(), y.double(), s.double())
+    assert ref_cols[far].max() < -130
+    for deterministic_order in (False, True):  # merged in one pass, and as the rows of S.T
+        if deterministic_order and not hasattr(impl, "deterministic"):
+            continue
+        if deterministic_order:
+            impl.deterministic = True
+        rows, cols = impl.lse(x, y, s, rows=True, cols=True, exclude_diagonal=False)
+        assert torch.isfinite(cols).all(), cols
+        assert_close(rows, ref_rows, dtype, "row lse", magnitude=scale)
+        assert_close(cols, ref_cols, dtype, "col lse", magnitude=scale)
+    image = x.clone().requires_grad_()
+    loss = flashcl.infonce_loss(y, image, s, backend=backend)  # the far columns as queries' keys
+    loss.backward()
+    assert torch.isfinite(image.grad).all()
+
+
+def assert_rows_close(actual, expected, magnitudes, dtype, what):
+    """Each row within the dtype's tolerance of its own magnitude: a row of small weights must
+    keep its precision, not vanish below the error of the largest row."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite entries"
+    error = (actual.double() - expected).abs().amax(dim=1)
+    allowed = TOLERANCE[dtype] * magnitudes
+    bad = (error > allowed).nonzero().flatten()
+    assert not len(bad), f"{what}: rows {bad.tolist()[:8]} off by {error[bad][:8].tolist()}, allowed {allowed[bad][:8].tolist()}"
+
+
+@pytest.mark.parametrize("backend,dtype,tiles", backend_cases([torch.float32, torch.float16, torch.bfloat16]))
+def test_exp_weighted_grad_with_unbounded_weights(backend, dtype, tiles, generator):
+    """Gamma weights u multiply exp(S - LSE) by u (offsets log K - log u), so G is not bounded by the
+    weights: here rows of G reach 1e6 times the largest weight, and rows differ by 1e6 in size.
+    Half-precision products must neither overflow nor flush the small rows to 0."""
+    n, m, d = 50, 70, 24
+    x, y, s = inputs(n, m, d, dtype, generator, scale=10.0)
+    rows, cols = reference.lse(x.double(), y.double(), s.double())
+    uniform = lambda count, low, high: low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64,
+                                                                         device=DEVICE)
+    row_size = torch.exp(uniform(n, -9, 7))  # a_i u_i: each row's magnitude, 1e-4 to 1e3
+    a = 1e-6 * torch.exp(uniform(n, -3, 3)) * torch.where(torch.rand(n, generator=generator, device=DEVICE) < 0.5, -1, 1)
+    o = rows - torch.log(row_size / a.abs())  # the offset log K - log u of a weight u = row_size / |a|
+    b = 1e-3 * torch.randn(m, generator=generator, dtype=torch.float64, device=DEVICE)
+    targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
+    c = -a * uniform(n, 0, 2)  # as the losses pass them: the positive's coefficient on the weights' scale
+    terms = dict(a=a.float(), o=o.float(), b=b.float(), p=cols.float(), positives=(targets, c.float()))
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x)
+    dx, dy, ds = impl.exp_weighted_grad(x, y, s, **terms, need_dx=True, need_dy=True, need_ds=True)
+    g = reference.exp_weights(x, y, s, **terms).abs()
+    ref = reference.exp_weighted_grad(x, y, s, **terms)
+    assert g.amax(1).max() > 1e6 * a.abs().max() and g.amax(1).max() > 1e6 * g.amax(1).min()
+    assert_rows_close(dx, ref[0], float(s) * g.sum(1), dtype, "dx")
+    assert_rows_close(dy, ref[1], float(s) * g.sum(0), dtype, "dy")
+    assert_close(ds, ref[2], dtype, "ds", magnitude=g.sum().item())

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resources.py"
 ARCHS = (90, 80)
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: float32 inputs, tf32 products
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,31 @@ def test_every_kernel_compiles(rows):
 
 
 @pytest.mark.parametrize("arch,mma", [(90, "wgmma"), (80, "mma.sync")])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_products_use_tensor_cores(rows, arch, dtype, mma):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "tf32"])
+def test_half_and_tf32_products_use_tensor_cores(rows, arch, dtype, mma):
     chosen = [r for r in rows if r["arch"] == arch and r["dtype"] == dtype]
     assert chosen and {r["mma"] for r in chosen} == {mma}
+
+
+def test_exact_float32_products_stay_off_tensor_cores(rows):
+    """torch's "highest" fp32 precision (the default) is a true fp32 product: FMAs, never tf32."""
+    chosen = [r for r in rows if r["dtype"] == "float32"]
+    assert chosen and {r["mma"] for r in chosen} == {"fma"}
+
+
+def test_column_lock_is_released_after_every_warps_stores(rows):
+    """The merged-column forward releases its lock from one thread; a CTA barrier must order the
+    other warps' stores of the column statistics before that atomic (else the next holder may
+    read a new max with a stale sum)."""
+    merged = [r for r in rows if r["kernel"] == "lse_forward" and r["flags"].startswith("merged")]
+    assert merged and all(r["lock_release_fenced"] is True for r in merged), merged
+
+
+def test_backward_orders_its_accumulator_between_column_blocks(rows):
+    """Each column block reads back the fp32 rows the previous one stored, possibly from other
+    threads: the kernel's explicit barrier must survive compilation."""
+    backward = [r for r in rows if r["kernel"] == "exp_weighted"]
+    assert backward and all(r["source_barriers"] >= 1 for r in backward)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

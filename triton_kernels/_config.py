@@ -1,13 +1,15 @@
-"""Launch settings shared by the kernels: interpreter detection, tile configs, dot precision."""
+"""Launch settings shared by the kernels: interpreter detection, tile configs, dot precision, launching."""
+import contextlib
 import os
 
 import torch
 import triton
 
 # TRITON_INTERPRET=1 runs kernels on the CPU in numpy. Its tl.dot multiplies raw bf16 bit
-# patterns, so kernels upcast loaded tiles there, and its autotuner cannot time more than
-# one config, so it gets exactly one. FLASHCL_TRITON_AUTOTUNE=0 pins the first GPU config,
-# for test runs that would otherwise compile every config for every flag combination.
+# patterns (numpy has no bf16; fp16 and fp32 are exact), so kernels upcast bf16 tiles there,
+# and its autotuner cannot time more than one config, so it gets exactly one.
+# FLASHCL_TRITON_AUTOTUNE=0 pins the first GPU config, for test runs that would otherwise
+# compile every config for every flag combination.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("FLASHCL_TRITON_AUTOTUNE", "1") != "0"
 MIN_BLOCK = 16  # tl.dot's smallest side; also sizes the column-lock array
@@ -35,6 +37,12 @@ def backward_configs():
     )
 
 
+def size_bucket(count: int) -> int:
+    """The autotuner's view of a row or column count: the power of two at or above it, so a
+    ragged last batch reuses its neighbours' choice while 4096 and 65536 rows tune apart."""
+    return triton.next_power_of_2(count)
+
+
 def check_row_counts(*counts: int) -> None:
     """The kernels index rows and columns with 32-bit integers (fewer registers than 64-bit;
     memory offsets stay 64-bit), so no operand may have 2**31 rows or more."""
@@ -42,8 +50,39 @@ def check_row_counts(*counts: int) -> None:
         raise ValueError(f"flashcl's Triton kernels take fewer than 2**31 rows per operand, got {max(counts)}")
 
 
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether the kernels must multiply tiles of this dtype in fp32: only bf16 in the interpreter."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def float32_matmul_precision() -> str:
+    """'ieee' or 'tf32': what torch.matmul does with fp32 CUDA inputs under the current settings.
+
+    torch >= 2.9 sets this per backend (torch.backends.cuda.matmul.fp32_precision, "none"
+    deferring to torch.backends.fp32_precision) and makes the legacy getter raise once the new
+    API was used; the new attribute also reflects the legacy setter, so read it where it exists.
+    """
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # torch < 2.9: only the legacy API
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if matmul == "none":
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if matmul == "tf32" else "ieee"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch.get_float32_matmul_precision(), as torch.matmul does."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """fp32 inputs follow torch's fp32 matmul precision, as torch.matmul does; half inputs are exact products."""
+    return float32_matmul_precision() if dtype == torch.float32 else "ieee"
+
+
+def launch(tuned, grid, args, kwargs, fixed_config: bool, device: torch.device) -> None:
+    """Launches an autotuned kernel on `device` (Triton launches on the current device and its
+    current stream, not on the tensors'). fixed_config launches the first config instead of
+    the autotuner's choice, which may differ between processes and with it the summation
+    order: deterministic runs then agree across processes too."""
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if fixed_config:
+            tuned.fn[grid](*args, **kwargs, **tuned.configs[0].all_kwargs())
+        else:
+            tuned[grid](*args, **kwargs)

@@ -16,20 +16,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, backward_configs, check_row_counts, dot_precision
+from ._config import backward_configs, check_row_counts, dot_precision, launch, size_bucket, upcast
 from .lse_forward import scaled_logit_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
 def _exp_weighted_matmul_kernel(
     a_ptr, b_ptr, out_ptr, scale_ptr,
     row_w_ptr, row_off_ptr, col_w_ptr, col_off_ptr, pos_index_ptr, pos_coeff_ptr,
     row_start, row_end, n_cols, dim,
     stride_ar, stride_ad, stride_bc, stride_bd, stride_or,
+    rows_bucket, cols_bucket,  # autotuning keys only
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, POSITIVES: tl.constexpr,
     EXCLUDE_DIAGONAL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, HALF_PRODUCT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_R) + row_start + pid * BLOCK_R  # 32-bit indices (check_row_counts), 64-bit offsets
@@ -65,8 +66,14 @@ def _exp_weighted_matmul_kernel(
             col_coeff = tl.load(pos_coeff_ptr + cols, mask=col_ok, other=0.0)
             g += tl.where(col_target[None, :] == rows[:, None], col_coeff[None, :], 0.0)
 
-        if not UPCAST:
-            g = g.to(b_ptr.dtype.element_ty)  # tensor-core product, fp32 accumulation
+        if HALF_PRODUCT:
+            # The tensor-core product takes G in the input dtype. Nothing bounds G (a gamma
+            # weight u multiplies exp(S - LSE) by u), so each row of the tile is divided by
+            # its largest magnitude first and the row's product multiplied back in fp32:
+            # no overflow, and a row of small weights keeps its own precision.
+            # (At least the smallest normal fp32, so the reciprocal is finite; an all-zero row stays 0.)
+            row_peak = tl.maximum(tl.max(tl.abs(g), axis=1), 1.1754943508222875e-38)
+            g = (g * (1.0 / row_peak)[:, None]).to(b_ptr.dtype.element_ty)
         for d0 in range(0, dim, BLOCK_D):
             ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
             d_ok = ds < dim
@@ -76,32 +83,43 @@ def _exp_weighted_matmul_kernel(
                 b = b.to(tl.float32)
             out_ptrs = out_ptr + (rows - row_start)[:, None].to(tl.int64) * stride_or + ds[None, :]
             out_ok = row_ok[:, None] & d_ok[None, :]
-            # The running sum is the product's accumulator: its load is issued before the
-            # product needs it, and no separate add is made.
             running = tl.load(out_ptrs, mask=out_ok, other=0.0)
-            tl.store(out_ptrs, tl.dot(g, b, running, input_precision=PRECISION), mask=out_ok)
+            if HALF_PRODUCT:
+                total = running + row_peak[:, None] * tl.dot(g, b)
+            else:  # the running sum is the product's accumulator: no separate add
+                total = tl.dot(g, b, running, input_precision=PRECISION)
+            tl.store(out_ptrs, total, mask=out_ok)
+        # The next column block reads back what this one stored, maybe from other threads
+        # (the load and the store need not share a layout): order them explicitly.
+        tl.debug_barrier()
 
 
 _exp_weighted_matmul_tuned = triton.autotune(
-    configs=backward_configs(), key=["dim"], reset_to_zero=["out_ptr"],
+    configs=backward_configs(),
+    key=["dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
+         "PRECISION"],
+    reset_to_zero=["out_ptr"],
 )(_exp_weighted_matmul_kernel)
 
 
 def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                          positives_by, exclude_diagonal, row_start, row_end):
-    """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract)."""
+                          positives_by, exclude_diagonal, row_start, row_end, fixed_config=False):
+    """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract);
+    fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
     check_row_counts(a.shape[0], b.shape[0])
     out = torch.zeros(row_end - row_start, a.shape[1], dtype=torch.float32, device=a.device)
     absent = scale  # stands in for the pointers of a term the constexpr flags switch off
     grid = lambda meta: (triton.cdiv(row_end - row_start, meta["BLOCK_R"]),)
-    _exp_weighted_matmul_tuned[grid](
-        a, b, out, scale,
-        absent if row_w is None else row_w, absent if row_off is None else row_off,
-        absent if col_w is None else col_w, absent if col_off is None else col_off,
-        absent if pos_index is None else pos_index, absent if pos_coeff is None else pos_coeff,
-        row_start, row_end, b.shape[0], a.shape[1],
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        HAS_ROW_TERM=row_w is not None, HAS_COL_TERM=col_w is not None, POSITIVES=positives_by,
-        EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-    )
+    launch(_exp_weighted_matmul_tuned, grid,
+           (a, b, out, scale,
+            absent if row_w is None else row_w, absent if row_off is None else row_off,
+            absent if col_w is None else col_w, absent if col_off is None else col_off,
+            absent if pos_index is None else pos_index, absent if pos_coeff is None else pos_coeff,
+            row_start, row_end, b.shape[0], a.shape[1],
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+            size_bucket(row_end - row_start), size_bucket(b.shape[0])),
+           dict(HAS_ROW_TERM=row_w is not None, HAS_COL_TERM=col_w is not None, POSITIVES=positives_by,
+                EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=upcast(a.dtype),
+                HALF_PRODUCT=a.dtype != torch.float32 and not upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
+           fixed_config, a.device)
     return out

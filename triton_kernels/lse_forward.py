@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, MIN_BLOCK, check_row_counts, dot_precision, lse_configs
+from ._config import MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, upcast
 
 
 @triton.jit
@@ -28,16 +28,17 @@ def scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, 
                     mask=(rows[:, None] < n_rows) & (ds[None, :] < dim), other=0.0)
         b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
                     mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0)
-        if UPCAST:  # the interpreter's tl.dot multiplies raw bf16 bit patterns
+        if UPCAST:  # bf16 in the interpreter, whose tl.dot multiplies raw bit patterns
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
 def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr, lock_ptr,
                         n_rows, n_cols, dim, stride_ar, stride_ad, stride_bc, stride_bd,
+                        rows_bucket, cols_bucket,  # autotuning keys only
                         EXCLUDE_DIAGONAL: tl.constexpr, MERGE_COLUMNS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -83,18 +84,23 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_s
             merged_sum = old_sum * tl.exp(old_max - merged_safe) + tile_sum * tl.exp(tile_max - merged_safe)
             tl.store(col_max_ptr + cols, merged_max, mask=col_ok)
             tl.store(col_sum_ptr + cols, merged_sum, mask=col_ok)
+            # The release is one thread's; every warp's stores must be ordered before it, or
+            # the next holder may read a new max with a stale sum.
+            tl.debug_barrier()
             tl.atomic_xchg(lock, 0)
 
     tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
 
 
 _lse_forward_tuned = triton.autotune(
-    configs=lse_configs(), key=["dim"], reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
+    configs=lse_configs(), key=["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "PRECISION"],
+    reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
 )(_lse_forward_kernel)
 
 
-def lse_forward(a, b, scale, exclude_diagonal, merge_columns):
-    """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused)."""
+def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False):
+    """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused);
+    fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
     n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
     check_row_counts(n_rows, n_cols)
     row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
@@ -105,11 +111,11 @@ def lse_forward(a, b, scale, exclude_diagonal, merge_columns):
     else:
         col_max = col_sum = locks = row_lse  # stand-ins for pointers MERGE_COLUMNS switches off
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
-    _lse_forward_tuned[grid](
-        a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
-        UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-    )
+    launch(_lse_forward_tuned, grid,
+           (a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), size_bucket(n_rows), size_bucket(n_cols)),
+           dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
+                UPCAST=upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
+           fixed_config, a.device)
     col_lse = col_max + torch.log(col_sum) if merge_columns else row_lse.new_empty(0)
     return row_lse, col_lse

@@ -60,11 +60,17 @@ def _multiprocessors(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
+def resolve_deterministic(deterministic: Optional[bool]) -> bool:
+    """An explicit choice, else torch.use_deterministic_algorithms' setting."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else deterministic
+
+
 class FusedKernels:
     """Primitives 1 and 2 of DESIGN.md from a kernel family's two operators.
 
     deterministic (default: torch.are_deterministic_algorithms_enabled()) makes the LSEs
-    bit-identical run to run; the products always are.
+    bit-identical run to run; the products always are. A family whose kernels are
+    autotuned must also pin their config when deterministic (the Triton backend does).
     """
 
     def __init__(self, name: str, lse_forward: Callable, exp_weighted_products: Callable,
@@ -72,8 +78,7 @@ class FusedKernels:
         self.name = name
         self._lse_forward = lse_forward
         self._products = exp_weighted_products
-        self.deterministic = (torch.are_deterministic_algorithms_enabled()
-                              if deterministic is None else deterministic)
+        self.deterministic = resolve_deterministic(deterministic)
 
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
             exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -105,14 +110,11 @@ class FusedKernels:
         exclude_diagonal: bool = False,
         need_dx: bool = True, need_dy: bool = True, need_ds: bool = False,
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        # Weights travel divided by their largest magnitude, so G fits fp16 in the tensor-core
-        # product whatever the reduction (a mean over 10^5 rows is below fp16's normal range).
-        magnitudes = [t.abs().max() for t in (a, b, positives[1] if positives else None) if t is not None]
-        norm = torch.stack(magnitudes).max().clamp_min(torch.finfo(torch.float32).tiny)
-        # The kernels read these vectors with unit stride.
-        row_term = None if a is None else (a / norm, o.contiguous())
-        col_term = None if b is None else (b / norm, p.contiguous())
-        positives = None if positives is None else (positives[0].contiguous(), positives[1] / norm)
+        # The kernels read these vectors with unit stride. (They keep G within the half-precision
+        # range themselves, a row at a time, whatever the weights.)
+        row_term = None if a is None else (a.contiguous(), o.contiguous())
+        col_term = None if b is None else (b.contiguous(), p.contiguous())
+        positives = None if positives is None else (positives[0].contiguous(), positives[1].contiguous())
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else None
         ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
@@ -122,9 +124,9 @@ class FusedKernels:
                 if need_ds:
                     ds += torch.sum(gy * x[rows].float())
                 if need_dx:
-                    dx[rows] = gy.mul_(scale * norm)
+                    dx[rows] = gy.mul_(scale)
         if need_dy:
             for cols, gtx in self._chunks(y, x, scale, col_term, row_term, positives, POSITIVES_BY_COLUMN,
                                           exclude_diagonal):
-                dy[cols] = gtx.mul_(scale * norm)
-        return dx, dy, (ds * norm if need_ds else None)
+                dy[cols] = gtx.mul_(scale)
+        return dx, dy, ds
