@@ -59,3 +59,42 @@ def exp_weighted_grad(x, y, scale, **terms):
     x, y, scale = x.double(), y.double(), scale.double()
     g = exp_weights(x, y, scale, **terms)
     return scale * g @ y, scale * g.T @ x, (g * (x @ y.T)).sum()
+
+
+def squared_distances(a, b):
+    """|a_i - b_j|^2 from the differences themselves (n * m * d elements: small inputs only)."""
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def geometric_consistency(image, text, image_aug=None, text_aug=None, distinct_pairs=False):
+    """The mean over view pairs of the mean over pairs (j, k) of the two squared differences, materialized."""
+    def one(v, t):
+        n = v.shape[0]
+        cross = (v @ t.T - (v @ t.T).T) ** 2
+        within = (v @ v.T - t @ t.T) ** 2
+        total = cross + within
+        if distinct_pairs:
+            return total.masked_fill(torch.eye(n, dtype=torch.bool, device=v.device), 0).sum() / max(n * (n - 1), 1)
+        return total.mean()
+
+    images = [image] + ([image_aug] if image_aug is not None else [])
+    texts = [text] + ([text_aug] if text_aug is not None else [])
+    return torch.stack([one(v, t) for v in images for t in texts]).mean()
+
+
+def brownian_bridge(image, text, image_aug, t=0.25, sigma=1.0, contrastive=True, reduction="mean"):
+    means = (1 - t) * image + t * text
+    logits = -squared_distances(image_aug, means) / (2 * sigma**2 * t * (1 - t))
+    if contrastive:
+        return F.cross_entropy(logits, torch.arange(image.shape[0], device=image.device), reduction=reduction)
+    losses = -logits.diagonal()
+    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+
+
+def feature_separation(shared, private, uniformity_t=2.0, orthogonality_weight=1.0, uniformity_weight=1.0):
+    n = private.shape[0]
+    orthogonality = ((shared * private).sum(1) ** 2).mean()
+    distances = squared_distances(private, private)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=private.device)
+    uniformity = torch.log(torch.exp(-uniformity_t * distances)[off_diagonal].mean())
+    return orthogonality_weight * orthogonality + uniformity_weight * uniformity

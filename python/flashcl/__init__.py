@@ -1,9 +1,11 @@
 """flashcl: exact contrastive losses that never materialize the N x M similarity matrix."""
 from .backends.torch_tiles import tiling
 from .gamma import GammaContrastiveLoss
-from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss
+from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss, row_logsumexp
 from .modules import ClipLoss, InfoNCELoss, NTXentLoss
 from .primitives import available_backends
+from .regularizers import (ModalityStructureLoss, brownian_bridge_loss, feature_separation_loss,
+                           geometric_consistency_loss)
 
 __version__ = "0.1.0"
 
@@ -12,11 +14,16 @@ __all__ = [
     "GammaContrastiveLoss",
     "GammaWeightedLoss",
     "InfoNCELoss",
+    "ModalityStructureLoss",
     "NTXentLoss",
     "available_backends",
+    "brownian_bridge_loss",
     "clip_loss",
+    "feature_separation_loss",
     "gamma_weighted_loss",
+    "geometric_consistency_loss",
     "infonce_loss",
     "nt_xent_loss",
+    "row_logsumexp",
     "tiling",
 ]

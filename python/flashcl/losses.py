@@ -123,6 +123,53 @@ class ContrastiveLoss(torch.autograd.Function):
         return dx, dy, ds, None, None, None, None, None, None, None
 
 
+class RowLogSumExp(torch.autograd.Function):
+    """r_i = log sum_j exp(S_ij) for S = s * x @ y.T, differentiable in x, y and s.
+
+    Backward is primitive 2 with a = dL/dr and o = r: d r_i / d S_ij = exp(S_ij - r_i).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, exclude_diagonal, backend):
+        row_lse, _ = backend.lse(x, y, scale, rows=True, cols=False, exclude_diagonal=exclude_diagonal)
+        ctx.save_for_backward(x, y, scale, row_lse)
+        ctx.exclude_diagonal, ctx.backend = exclude_diagonal, backend
+        return row_lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, y, scale, row_lse = ctx.saved_tensors
+        dx, dy, ds = ctx.backend.exp_weighted_grad(
+            x, y, scale, a=grad.contiguous(), o=row_lse, exclude_diagonal=ctx.exclude_diagonal,
+            need_dx=ctx.needs_input_grad[0], need_dy=ctx.needs_input_grad[1], need_ds=ctx.needs_input_grad[2])
+        return dx, dy, ds, None, None
+
+
+def row_logsumexp(
+    queries: Tensor,
+    keys: Tensor,
+    scale: Union[float, Tensor],
+    *,
+    exclude_diagonal: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``torch.logsumexp(scale * queries @ keys.T, dim=1)`` without the (N, M) matrix, differentiable.
+
+    Args:
+        queries: (N, D); keys: (M, D); scale: a float or a 0-d tensor (may require grad).
+        exclude_diagonal: leave out j == i (needs N == M), e.g. a sample against its own batch.
+        backend: as for every flashcl loss.
+
+    Returns the (N,) row log-sum-exp in fp32 (fp64 for fp64 inputs); gradients reach queries,
+    keys and scale exactly, with O(N + M) extra memory. The building block of losses whose
+    denominator is not InfoNCE's (a uniformity term, a global log-partition).
+    """
+    check_pair("queries", queries, "keys", keys, same_rows=exclude_diagonal)
+    scale = as_scale("scale", scale, queries)
+    return RowLogSumExp.apply(queries, keys, scale, exclude_diagonal, resolve_backend(backend, queries))
+
+
 def infonce_loss(
     queries: Tensor,
     keys: Tensor,
