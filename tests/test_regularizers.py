@@ -7,7 +7,7 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, TOLERANCE, assert_close, unit_rows
+from conftest import DEVICE, assert_close, unit_rows
 from test_memory import LargestAllocation
 
 BACKENDS = flashcl.available_backends(DEVICE)

