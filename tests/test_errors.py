@@ -126,11 +126,22 @@ def test_bad_reduction(loss, reduction):
         fn(features(), features(), 2.0, reduction=reduction)
 
 
-def test_clip_loss_module_distributed_not_yet():
-    with pytest.raises(NotImplementedError, match=r"world_size=2.*use world_size=1"):
-        flashcl.ClipLoss(world_size=2, rank=1)
-    with pytest.raises(NotImplementedError, match=r"use_horovod=True"):
-        flashcl.ClipLoss(use_horovod=True)
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(use_horovod=True), r"use_horovod=True: flashcl.ClipLoss runs on torch.distributed only"),
+    (dict(world_size=0), r"world_size must be a positive int, got 0"),
+    (dict(world_size=2, rank=2), r"rank must be an int in \[0, world_size=2\), got 2"),
+    (dict(world_size=2, rank=-1), r"rank must be an int in \[0, world_size=2\), got -1"),
+])
+def test_clip_loss_module_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flashcl.ClipLoss(**kwargs)
+
+
+def test_distributed_clip_loss_needs_an_initialized_process_group():
+    with pytest.raises(RuntimeError, match=r"ClipLoss\(world_size=2\) needs torch.distributed initialized"):
+        flashcl.ClipLoss(world_size=2, rank=1)(features(), features(), 2.0)
+    with pytest.raises(RuntimeError, match=r"clip_loss: group= needs torch.distributed initialized"):
+        flashcl.clip_loss(features(), features(), 2.0, group=object())
 
 
 @pytest.mark.parametrize("temperature", [0.0, -0.1])

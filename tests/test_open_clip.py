@@ -9,8 +9,7 @@ import flashcl
 from conftest import DEVICE, assert_close, require_peer, unit_rows
 
 
-@pytest.fixture(scope="module")
-def open_clip_loss():
+def load_open_clip_loss():
     """open_clip's loss.py loaded on its own: the package import needs torchvision, loss.py does not."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
@@ -20,6 +19,11 @@ def open_clip_loss():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def open_clip_loss():
+    return load_open_clip_loss()
 
 
 LOG_SCALE = 2.659  # open_clip's initial logit scale, log(1 / 0.07)

@@ -86,13 +86,14 @@ def as_scale(name: str, scale: Union[float, Tensor], like: Tensor) -> Tensor:
     return scale_tensor
 
 
-def check_targets(targets: Optional[Tensor], n: int, m: int, like: Tensor) -> Tensor:
+def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Tensor) -> Tensor:
     """int64 indices of each query's positive key, shape (n,), values in [0, m).
 
-    None means the i-th key is the positive of the i-th query, which needs m >= n.
+    None means the i-th key is the positive of the i-th query, which needs m >= n. m=None skips
+    the checks that need every key's count (a distributed call makes them across ranks).
     """
     if targets is None:
-        if m < n:
+        if m is not None and m < n:
             raise ValueError(f"targets=None pairs query i with key i, so keys needs at least as many rows "
                              f"as queries ({n}), got {m}; pass targets explicitly")
         return torch.arange(n, device=like.device)
@@ -104,7 +105,7 @@ def check_targets(targets: Optional[Tensor], n: int, m: int, like: Tensor) -> Te
         raise ValueError(f"targets must have shape ({n},) (one index per query), got {tuple(targets.shape)}")
     if targets.device != like.device:
         raise ValueError(f"targets is on {targets.device} but queries are on {like.device}")
-    if not torch.compiler.is_compiling():
+    if m is not None and not torch.compiler.is_compiling():
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")

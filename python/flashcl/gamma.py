@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .checks import as_scale, check_pair
-from .losses import ContrastiveLoss, denominator_sizes, positive_logits
+from .distributed import ShardedCall
+from .losses import ContrastiveLoss, contrastive_statistics, denominator_sizes
 from .primitives import resolve_backend
 
 
@@ -70,8 +71,14 @@ class GammaContrastiveLoss(nn.Module):
         exclude_positive: means over negatives only (j != i), the paper's and SogCLR's objective
             and the one whose in-batch estimate is unbiased (needs paired rows).
         state_device: where the estimates live ("cpu" for datasets too large for the GPU).
-        generator: a torch.Generator on state_device for the E-step (seed it to reproduce).
+        generator: a torch.Generator on state_device for the E-step (seed it to reproduce; seed
+            each rank differently, or the ranks' draws are the same numbers).
         backend: as for every flashcl loss.
+        group: a torch.distributed process group: each rank passes its shard of the batch (and its
+            rows' dataset indices); the loss is the global batch's (rows of the concatenated
+            features_a pair with rows of the concatenated features_b, every rank's rows are
+            negatives), and every rank folds every rank's estimates into its state in rank order,
+            so the states (and state_dicts) stay identical on all ranks.
 
     forward(features_a, features_b, scale, index, output_dict=False) pairs row i of features_a
     with row i of features_b. Its return value's gradient is the gamma-weighted gradient; with
@@ -81,7 +88,7 @@ class GammaContrastiveLoss(nn.Module):
 
     def __init__(self, num_samples: int, shape: float = 1.0, momentum: float = 0.9, symmetric: bool = True,
                  exclude_positive: bool = True, state_device: Union[str, torch.device] = "cpu",
-                 generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None):
+                 generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None, group=None):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -91,7 +98,7 @@ class GammaContrastiveLoss(nn.Module):
             raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
         self.num_samples, self.shape, self.momentum = num_samples, float(shape), float(momentum)
         self.symmetric, self.exclude_positive = symmetric, exclude_positive
-        self.generator, self.backend = generator, backend
+        self.generator, self.backend, self.group = generator, backend, group
         state_device = torch.device(state_device)
         directions = ("a", "b") if symmetric else ("a",)
         for d in directions:
@@ -145,24 +152,34 @@ class GammaContrastiveLoss(nn.Module):
 
     def forward(self, features_a: Tensor, features_b: Tensor, scale: Union[float, Tensor], index: Tensor,
                 output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
-        paired = self.symmetric or self.exclude_positive
-        check_pair("features_a", features_a, "features_b", features_b, same_rows=paired)
-        n, m = features_a.shape[0], features_b.shape[0]
-        if m < n:
-            raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {m}")
-        index = self._check_index(index, n)
-        scale = as_scale("scale", scale, features_a)
+        with ShardedCall(self.group, "GammaContrastiveLoss") as call:
+            paired = self.symmetric or self.exclude_positive
+            check_pair("features_a", features_a, "features_b", features_b, same_rows=paired)
+            n, m = features_a.shape[0], features_b.shape[0]
+            if m < n:
+                raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {m}")
+            index = self._check_index(index, n)
+            scale = as_scale("scale", scale, features_a)
+            call.describe(features_a, features_b, default_targets=True, symmetric=self.symmetric,
+                          exclude_positive=self.exclude_positive, num_samples=self.num_samples, shape=self.shape,
+                          momentum=self.momentum, scale_needs_gradient=scale.requires_grad)
+        shards = call.shards
         backend = resolve_backend(self.backend, features_a)
         targets = torch.arange(n, device=features_a.device)
+        if call.sharded:  # row i of the concatenated features_a pairs with row i of the concatenated features_b
+            targets = shards.candidate_positions(targets + shards.anchor_offset)
 
         with torch.no_grad():
-            row_lse, col_lse = backend.lse(features_a, features_b, scale.detach(), rows=True, cols=self.symmetric,
-                                           exclude_diagonal=self.exclude_positive)
-            positive = positive_logits(features_a, features_b, targets, scale.detach())
-        counts = denominator_sizes(n, m, self.exclude_positive)
+            keys = shards.candidates(features_b)
+            statistics = contrastive_statistics(features_a, keys, scale.detach(), targets, self.symmetric,
+                                                self.exclude_positive, backend, shards)
+        row_lse, col_lse, positive = statistics
+        counts = denominator_sizes(shards.global_anchors(n), keys.shape[0], self.exclude_positive)
         log_weights, skipped, infonce = [], 0, []
         for direction, lse, count in zip(self._directions, (row_lse, col_lse), counts):
-            skipped += self._update(direction, index, lse - math.log(count))
+            # Every rank folds in every rank's estimates, in rank order: the states stay identical.
+            skipped += self._update(direction, shards.gather_anchors(index.to(features_a.device)).to(index.device),
+                                    shards.gather_anchors(lse) - math.log(count))
             log_z = getattr(self, f"log_z_{direction}")[index]
             log_weights.append(sample_log_weights(log_z, self.shape, self.generator).to(row_lse))
             # The ordinary InfoNCE, positive included in its denominator, for logging.
@@ -174,7 +191,7 @@ class GammaContrastiveLoss(nn.Module):
 
         loss = ContrastiveLoss.apply(
             features_a, features_b, scale, targets, (log_weights[0], log_weights[1] if self.symmetric else None),
-            (row_lse, col_lse, positive), self.symmetric, self.exclude_positive, "mean", backend)[0]
+            statistics, self.symmetric, self.exclude_positive, "mean", backend, shards)[0]
         if not output_dict:
             return loss
         return {"loss": loss, "infonce": torch.stack(infonce).mean(), "skipped": torch.tensor(skipped)}

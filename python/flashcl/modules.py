@@ -3,40 +3,124 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Union
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from .checks import check_pair
+from .distributed import ShardedCall, SumOverRanks, collective
 from .losses import clip_loss, infonce_loss, nt_xent_loss
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for open_clip's ``ClipLoss`` on one process, without the N x N logits.
+    """Drop-in for open_clip's ``ClipLoss``, without the N x N logits (nor, distributed, the
+    N_global x N_global ones).
 
     Construct it with open_clip's arguments and call it the same way:
     ``loss = ClipLoss()(image_features, text_features, logit_scale)``, where logit_scale
-    is the multiplier (open_clip passes ``model.logit_scale.exp()``). ``world_size > 1``
-    and horovod raise NotImplementedError: the distributed loss is a later flashcl issue.
+    is the multiplier (open_clip passes ``model.logit_scale.exp()``).
+
+    With world_size > 1 (torch.distributed initialized; `group` defaults to the world group)
+    every rank passes its own features and gets open_clip's loss value and open_clip's
+    gradients for its local features, for each (local_loss, gather_with_grad):
+
+    - (True, True), open_clip's recommended setting: each rank's local loss (its images against
+      every text and its texts against every image); the gradients are exact: DDP's average
+      over ranks is the gradient of the global loss. flashcl computes exactly this as
+      ``clip_loss(..., group=group)``, each direction's products once over all ranks.
+    - (False, False), open_clip's default: the global loss on every rank, with gradients of
+      1/world_size of the exact ones after DDP's average (each rank differentiates only through
+      its own features). Matched, since learning rates are tuned to it; flashcl does not compute
+      the global loss on every rank but all-reduces the ranks' shares.
+    - (False, True): the global loss on every rank, exact gradients.
+    - (True, False): each rank's local loss, differentiated only through its own features as
+      anchors (every gathered feature, its own included, is a constant), which misses their
+      role as candidates: open_clip's gradient, reproduced with two InfoNCE passes against the
+      gathered features.
+
+    cache_labels has nothing to cache here; use_horovod is not supported (torch.distributed only).
+    A constant logit_bias cancels inside softmax cross-entropy: it changes neither the loss nor
+    any gradient, and gets no gradient.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, backend: Optional[str] = None):
+                 use_horovod: bool = False, *, backend: Optional[str] = None, group=None):
         super().__init__()
-        if world_size > 1 or use_horovod:
-            raise NotImplementedError(
-                "flashcl.ClipLoss does not gather features across processes yet "
-                f"(world_size={world_size}, use_horovod={use_horovod}); use world_size=1 "
-                "or open_clip's ClipLoss until flashcl's distributed loss lands")
+        if use_horovod:
+            raise ValueError("use_horovod=True: flashcl.ClipLoss runs on torch.distributed only; "
+                             "initialize a torch.distributed process group and pass world_size and rank")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
-        self.backend = backend
+        self.backend, self.group = backend, group
+
+    def _process_group(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs torch.distributed initialized "
+                               "(init_process_group)")
+        group = self.group or dist.group.WORLD
+        actual = (dist.get_rank(group), dist.get_world_size(group))
+        if actual != (self.rank, self.world_size):
+            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) but this process is rank "
+                             f"{actual[0]} of a group of {actual[1]}")
+        return group
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False
                 ) -> Union[Tensor, Dict[str, Tensor]]:
-        # A constant added to every logit cancels inside softmax cross-entropy, so open_clip's
-        # logit_bias changes neither the loss nor any gradient; it gets no gradient here.
-        loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        if self.world_size == 1:
+            loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        elif self.local_loss and not self.gather_with_grad:
+            loss = self._local_loss_own_gradients(image_features, text_features, logit_scale)
+        elif self.local_loss:  # gather_with_grad: world_size times this rank's share, exact gradients
+            loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend,
+                             group=self._process_group())
+        else:
+            loss = self._global_loss_on_every_rank(image_features, text_features, logit_scale)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _global_loss_on_every_rank(self, image_features, text_features, logit_scale):
+        """open_clip's local_loss=False: the global loss's value on every rank, the full gradient of the
+        logit scale on every rank, and the features' gradient exact (gather_with_grad) or 1/world_size of it."""
+        group = self._process_group()
+        if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
+            # Every rank's backward then sums every rank's part of the scale's gradient.
+            logit_scale = SumOverRanks.apply(logit_scale, group, "ClipLoss") / self.world_size
+        if not self.gather_with_grad:
+            image_features = ScaleGradient.apply(image_features, 1.0 / self.world_size)
+            text_features = ScaleGradient.apply(text_features, 1.0 / self.world_size)
+        share = clip_loss(image_features, text_features, logit_scale, backend=self.backend, group=group)
+        total = share.detach().clone()
+        collective("ClipLoss", "loss sum", group, lambda: dist.all_reduce(total, group=group))
+        return share + (total / self.world_size - share).detach()  # the value of the global loss
+
+    def _local_loss_own_gradients(self, image_features, text_features, logit_scale):
+        group = self._process_group()
+        with ShardedCall(group, "ClipLoss(local_loss=True, gather_with_grad=False)") as call:
+            check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
+            call.describe(image_features, text_features)
+        shards = call.shards
+        all_images, all_texts = shards.gather_detached(image_features), shards.gather_detached(text_features)
+        targets = torch.arange(image_features.shape[0], device=image_features.device) + shards.key_offset
+        return 0.5 * (infonce_loss(image_features, all_texts, logit_scale, targets, backend=self.backend)
+                      + infonce_loss(text_features, all_images, logit_scale, targets, backend=self.backend))
+
+
+class ScaleGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, value, factor):
+        ctx.factor = factor
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
 
 
 class InfoNCELoss(nn.Module):

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_pair, check_reduction, statistics_dtype
-from .losses import clip_loss, infonce_loss, row_logsumexp
+from .distributed import ShardedCall
+from .losses import ContrastiveLoss, RowLogSumExp, _reduce, clip_loss
+from .primitives import resolve_backend
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -44,24 +46,28 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _pair_consistency(v: Tensor, t: Tensor, distinct_pairs: bool) -> Tensor:
+def _pair_consistency(v: Tensor, t: Tensor, distinct_pairs: bool, shards) -> Tensor:
     """sum over pairs (j, k) of (<v_j,t_k> - <v_k,t_j>)^2 + (<v_j,v_k> - <t_j,t_k>)^2, over the pair count."""
-    n, d = v.shape
+    local, d = v.shape
+    n = shards.global_anchors(local)
     dtype = statistics_dtype(v.dtype)
     v, t = v.to(dtype), t.to(dtype)
-    if n > d:  # D x D Grams: O(N D^2) time, O(D^2) memory
-        vv, tt, vt = v.T @ v, t.T @ t, v.T @ t
+    # the j == k terms: (|v_j|^2 - |t_j|^2)^2 (the cross term vanishes there)
+    diagonal = ((v * v).sum(1) - (t * t).sum(1)).square().sum() if distinct_pairs else v.new_zeros(())
+    if n > d or shards.world_size > 1:  # D x D Grams, summed over ranks: O(N D^2) time, O(D^2) memory
+        packed = shards.sum(torch.cat([(v.T @ v).flatten(), (t.T @ t).flatten(), (v.T @ t).flatten(),
+                                       diagonal.reshape(1)]))
+        vv, tt, vt = packed[:-1].view(3, d, d)
+        diagonal = packed[-1]
         cross = 2 * (vv * tt).sum() - 2 * (vt * vt.T).sum()
         within = (vv * vv).sum() + (tt * tt).sum() - 2 * (vt * vt).sum()
     else:  # the N x N products are no larger than the Grams, and cheaper: O(N^2 D)
         vt = v @ t.T
         cross = ((vt - vt.T) ** 2).sum()
         within = ((v @ v.T - t @ t.T) ** 2).sum()
-    total, pairs = cross + within, n * n
-    if distinct_pairs:  # the j == k terms: (|v_j|^2 - |t_j|^2)^2 (the cross term vanishes there)
-        total = total - ((v * v).sum(1) - (t * t).sum(1)).square().sum()
-        pairs = n * (n - 1)
-    return total / max(pairs, 1)
+    if distinct_pairs:
+        return (cross + within - diagonal) / max(n * (n - 1), 1)
+    return (cross + within) / (n * n)
 
 
 def geometric_consistency_loss(
@@ -71,6 +77,7 @@ def geometric_consistency_loss(
     text_aug: Optional[Tensor] = None,
     *,
     distinct_pairs: bool = False,
+    group=None,
 ) -> Tensor:
     """Geometric consistency (CVPR 2023): similarities agree across and within modalities.
 
@@ -86,17 +93,23 @@ def geometric_consistency_loss(
     |V'V|^2 + |T'T|^2 - 2 |V'T|^2 (X' the transpose), O(N D^2) time and O(D^2) memory; when
     N <= D from the N x N products, which are then no larger. Like every difference of large
     terms, its fp32 error is relative to the terms (~ N^2 |v|^2 |t|^2), not to a small result.
+
+    With group= (each rank its shard of the rows) the loss is the global batch's, exact, from one
+    all-reduce of the three D x D Grams per view pair; every rank returns it, with the world size
+    times its gradient, as every flashcl loss does for DDP's average.
     """
-    check_pair("image", image, "text", text, same_rows=True)
-    images = [("image", image)]
-    texts = [("text", text)]
-    if image_aug is not None:
-        check_pair("image", image, "image_aug", image_aug, same_rows=True)
-        images.append(("image_aug", image_aug))
-    if text_aug is not None:
-        check_pair("text", text, "text_aug", text_aug, same_rows=True)
-        texts.append(("text_aug", text_aug))
-    terms = [_pair_consistency(v, t, distinct_pairs) for _, v in images for _, t in texts]
+    with ShardedCall(group, "geometric_consistency_loss") as call:
+        check_pair("image", image, "text", text, same_rows=True)
+        images, texts = [image], [text]
+        if image_aug is not None:
+            check_pair("image", image, "image_aug", image_aug, same_rows=True)
+            images.append(image_aug)
+        if text_aug is not None:
+            check_pair("text", text, "text_aug", text_aug, same_rows=True)
+            texts.append(text_aug)
+        call.describe(image, text, image_aug=image_aug is not None, text_aug=text_aug is not None,
+                      distinct_pairs=distinct_pairs)
+    terms = [_pair_consistency(v, t, distinct_pairs, call.shards) for v in images for t in texts]
     return torch.stack(terms).mean()
 
 
@@ -110,6 +123,7 @@ def brownian_bridge_loss(
     contrastive: bool = True,
     reduction: str = "mean",
     backend: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Brownian bridge (CVPR 2023): an augmented image lies on the bridge from its image to its text.
 
@@ -123,23 +137,30 @@ def brownian_bridge_loss(
     computed as an InfoNCE of [a_i, 1] against [mu_j, -|mu_j|^2 / 2] at scale 1/(sigma^2 t (1 - t)),
     with O(N) extra memory. contrastive=False gives the pointwise form
     l_i = |a_i - mu_i|^2 / (2 sigma^2 t (1 - t)) (the likelihood alone, up to a constant).
-    Gradients reach all three inputs.
+    Gradients reach all three inputs. With group= the bridges of every rank are contrasted, as
+    flashcl's InfoNCE does with a group.
     """
-    check_pair("image", image, "text", text, same_rows=True)
-    check_pair("image", image, "image_aug", image_aug, same_rows=True)
-    check_reduction(reduction)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-        raise ValueError(f"t must be a number in (0, 1), the bridge time of the augmented image, got {t!r}")
-    sigma = _check_positive("sigma", sigma)
+    with ShardedCall(group, "brownian_bridge_loss") as call:
+        check_pair("image", image, "text", text, same_rows=True)
+        check_pair("image", image, "image_aug", image_aug, same_rows=True)
+        check_reduction(reduction)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ValueError(f"t must be a number in (0, 1), the bridge time of the augmented image, got {t!r}")
+        sigma = _check_positive("sigma", sigma)
+        call.describe(image_aug, image, t=float(t), sigma=sigma, contrastive=contrastive, reduction=reduction)
+    shards = call.shards
     inverse_variance = 1.0 / (sigma**2 * t * (1 - t))
     dtype = statistics_dtype(image.dtype)
     means = (1 - t) * image.to(dtype) + t * text.to(dtype)
     if not contrastive:
         losses = 0.5 * inverse_variance * (image_aug.to(dtype) - means).square().sum(1)
-        return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+        return _reduce(losses, reduction, shards)
     queries = torch.cat([image_aug, image_aug.new_ones(image_aug.shape[0], 1)], dim=1)
     keys = torch.cat([means, -0.5 * means.square().sum(1, keepdim=True)], dim=1).to(image.dtype)
-    return infonce_loss(queries, keys, inverse_variance, reduction=reduction, backend=backend)
+    scale = torch.tensor(inverse_variance, dtype=dtype, device=image.device)
+    targets = torch.arange(image.shape[0], device=image.device)  # own bridge; with a group own shard first
+    return ContrastiveLoss.apply(queries, keys, scale, targets, None, None, False, False, reduction,
+                                 resolve_backend(backend, queries), shards)[0]
 
 
 def feature_separation_loss(
@@ -150,6 +171,7 @@ def feature_separation_loss(
     orthogonality_weight: float = 1.0,
     uniformity_weight: float = 1.0,
     backend: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     """Deep feature separation (CVPR 2023) for one modality: private features orthogonal to the
     shared ones, and spread out.
@@ -162,22 +184,33 @@ def feature_separation_loss(
     -u |p_j - p_k|^2 = 2u (p_j.p_k - |p_j|^2/2 - |p_k|^2/2) with the diagonal excluded, exact for
     features of any norm (for unit vectors, scale 2u = 4 on p_j.p_k), with O(N) extra memory.
     The paper L2-normalizes both; pass them normalized to follow it. Needs N >= 2.
+    With group= the uniformity runs over every rank's private features (each rank's row block of
+    the pairs, merged with two scalar all-reduces) and the orthogonality over every rank's rows.
     """
-    check_pair("shared", shared, "private", private, same_rows=True)
-    if private.shape[0] < 2:
-        raise ValueError(f"private needs at least 2 rows for the uniformity term (pairs j != k), got {private.shape[0]}")
-    uniformity_t = _check_positive("uniformity_t", uniformity_t)
-    orthogonality_weight = _check_weight("orthogonality_weight", orthogonality_weight)
-    uniformity_weight = _check_weight("uniformity_weight", uniformity_weight)
+    with ShardedCall(group, "feature_separation_loss") as call:
+        check_pair("shared", shared, "private", private, same_rows=True)
+        if private.shape[0] < 2 and not call.sharded:
+            raise ValueError(f"private needs at least 2 rows for the uniformity term (pairs j != k), "
+                             f"got {private.shape[0]}")
+        uniformity_t = _check_positive("uniformity_t", uniformity_t)
+        orthogonality_weight = _check_weight("orthogonality_weight", orthogonality_weight)
+        uniformity_weight = _check_weight("uniformity_weight", uniformity_weight)
+        call.describe(private, private, uniformity_t=uniformity_t, orthogonality_weight=orthogonality_weight,
+                      uniformity_weight=uniformity_weight)
+    shards = call.shards
     dtype = statistics_dtype(shared.dtype)
-    orthogonality = (shared.to(dtype) * private.to(dtype)).sum(1).square().mean()
-    n = private.shape[0]
+    local = private.shape[0]
+    orthogonality = (shared.to(dtype) * private.to(dtype)).sum(1).square().sum() / shards.mean_count(local)
+    n = shards.global_anchors(local)
     half_norms = 0.5 * private.to(dtype).square().sum(1, keepdim=True)
     ones = torch.ones_like(half_norms)
     left = torch.cat([private, (-half_norms).to(private.dtype), ones.to(private.dtype)], dim=1)
     right = torch.cat([private, ones.to(private.dtype), (-half_norms).to(private.dtype)], dim=1)
-    row_lse = row_logsumexp(left, right, 2 * uniformity_t, exclude_diagonal=True, backend=backend)
-    uniformity = torch.logsumexp(row_lse, dim=0) - math.log(n * (n - 1))
+    scale = torch.tensor(2 * uniformity_t, dtype=dtype, device=private.device)
+    row_lse = RowLogSumExp.apply(left, right, scale, True, resolve_backend(backend, left), shards)
+    block_lse = torch.logsumexp(row_lse, dim=0)  # this rank's rows; then over every rank's
+    peak = shards.max(block_lse)
+    uniformity = peak + torch.log(shards.sum(torch.exp(block_lse - peak))) - math.log(n * (n - 1))
     return orthogonality_weight * orthogonality + uniformity_weight * uniformity
 
 
@@ -190,6 +223,7 @@ class ModalityStructureLoss(nn.Module):
         uniformity_t: `feature_separation_loss`'s u.
         distinct_pairs: `geometric_consistency_loss`'s option.
         backend: as for every flashcl loss.
+        group: a torch.distributed process group for every term (each rank its shard of the rows).
 
     forward(image_features, text_features, logit_scale, image_aug=None, text_aug=None,
     image_private=None, text_private=None, output_dict=False) returns
@@ -207,7 +241,7 @@ class ModalityStructureLoss(nn.Module):
 
     def __init__(self, geometric: float = 0.0, bridge: float = 0.0, separation: float = 0.0, *,
                  bridge_t: float = 0.25, bridge_sigma: float = 1.0, uniformity_t: float = 2.0,
-                 distinct_pairs: bool = False, backend: Optional[str] = None):
+                 distinct_pairs: bool = False, backend: Optional[str] = None, group=None):
         super().__init__()
         self.geometric = _check_weight("geometric", geometric)
         self.bridge = _check_weight("bridge", bridge)
@@ -217,7 +251,7 @@ class ModalityStructureLoss(nn.Module):
         self.bridge_t = float(bridge_t)
         self.bridge_sigma = _check_positive("bridge_sigma", bridge_sigma)
         self.uniformity_t = _check_positive("uniformity_t", uniformity_t)
-        self.distinct_pairs, self.backend = distinct_pairs, backend
+        self.distinct_pairs, self.backend, self.group = distinct_pairs, backend, group
 
     def extra_repr(self) -> str:
         return (f"geometric={self.geometric}, bridge={self.bridge}, separation={self.separation}, "
@@ -235,15 +269,18 @@ class ModalityStructureLoss(nn.Module):
         if self.separation > 0 and not privates:
             raise ValueError(f"image_private or text_private is needed for the separation term "
                              f"(separation={self.separation}); pass a private head's features or set separation=0")
-        losses = {"contrastive_loss": clip_loss(image_features, text_features, logit_scale, backend=self.backend)}
+        group, backend = self.group, self.backend
+        losses = {"contrastive_loss": clip_loss(image_features, text_features, logit_scale, backend=backend,
+                                                group=group)}
         if self.geometric > 0:
             losses["geometric_loss"] = self.geometric * geometric_consistency_loss(
-                image_features, text_features, image_aug, text_aug, distinct_pairs=self.distinct_pairs)
+                image_features, text_features, image_aug, text_aug, distinct_pairs=self.distinct_pairs, group=group)
         if self.bridge > 0:
             losses["bridge_loss"] = self.bridge * brownian_bridge_loss(
-                image_features, text_features, image_aug, self.bridge_t, sigma=self.bridge_sigma, backend=self.backend)
+                image_features, text_features, image_aug, self.bridge_t, sigma=self.bridge_sigma, backend=backend,
+                group=group)
         if self.separation > 0:
-            terms = [feature_separation_loss(shared, private, uniformity_t=self.uniformity_t, backend=self.backend)
-                     for shared, private in privates]
+            terms = [feature_separation_loss(shared, private, uniformity_t=self.uniformity_t, backend=backend,
+                                             group=group) for shared, private in privates]
             losses["separation_loss"] = self.separation * torch.stack(terms).mean()
         return losses if output_dict else sum(losses.values())

@@ -1,0 +1,288 @@
+"""The distributed composition: one layer every loss uses when it is given a process group.
+
+Each rank of `group` holds a shard of the rows; the loss is that of the concatenation of the shards
+in rank order. A loss call on rank r
+
+1. exchanges a small signature (the call, its flags, D, dtype, device type, which inputs need
+   gradients, its row counts), so ranks that disagree all raise the same error before any real
+   collective, and every rank learns every shard's size (shards may be ragged);
+2. all-gathers the candidates once, in "rank-r order": its own shard first, then the others in
+   rank order. A loss is invariant to the order of its candidates, and with its own shard first
+   its anchors' own candidates sit on the diagonal: NT-Xent's self-similarity and the paired
+   positives need no offset. Each rank computes its row block of S against every candidate;
+3. merges the partial column statistics across ranks (two all-reduces of M floats);
+4. in backward, all-gathers the column weights and offsets (M floats each), computes dx of its
+   rows (complete) and its rows' contributions to every candidate's gradient, which a
+   reduce-scatter sums at their owners.
+
+Summed over ranks that is the single-process count of products, and O(M D) traffic per step.
+Convention: the value a rank returns is its share of the global loss times the world size, and
+its backward delivers the world size times the exact gradient of the global loss with respect to
+its own tensors; DDP's averaging over ranks then gives exactly the global loss and gradient, for
+ragged shards too. With reduction="none" a rank returns its anchors' losses, and its backward
+the exact gradient of the sum over ranks of what they back-propagate.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# torch >= 2.12 names it reduce_scatter_single (and deprecates the older name).
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class SingleProcess:
+    """This process holds every row: every step of the distributed composition is the identity."""
+
+    world_size = 1
+
+    def candidates(self, keys: Tensor) -> Tensor:
+        return keys
+
+    def column_lse(self, partial: Tensor) -> Tensor:
+        return partial
+
+    def gather_columns(self, values: Tensor) -> Tensor:
+        return values
+
+    def candidate_grads(self, grads: Tensor) -> Tensor:
+        return grads
+
+    def mean_count(self, local_anchors: int) -> float:
+        return local_anchors
+
+    def global_anchors(self, local_anchors: int) -> int:
+        return local_anchors
+
+    def candidate_positions(self, global_index: Tensor) -> Tensor:
+        return global_index
+
+    def gather_anchors(self, values: Tensor) -> Tensor:
+        return values
+
+    def sum(self, value: Tensor) -> Tensor:
+        return value
+
+    def max(self, value: Tensor) -> Tensor:
+        return value.detach()
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+class Shards:
+    """How one call's rows are split over a process group, and the collectives the losses need.
+
+    Built by ShardedCall after every rank's checks: the ranks exchange their signatures, and a
+    disagreement, or a rank whose input was rejected, raises on every rank.
+    """
+
+    def __init__(self, group, call: str, description: Optional[dict], local_error: Optional[BaseException]):
+        self.group, self.call = group, call
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self._gathered = None
+        mine = None if local_error is not None else description
+        every = [None] * self.world_size
+        failure = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+        self._collective("signature", lambda: dist.all_gather_object(every, (mine, failure), group=self.group))
+        if local_error is not None:
+            return  # the caller re-raises this rank's own error
+        for rank, (_, theirs) in enumerate(every):
+            if theirs is not None:
+                raise ValueError(f"flashcl {call}(group=...): rank {rank} rejected its input, so every rank stops: "
+                                 f"{theirs}")
+        fields = mine["fields"]
+        for name, value in fields.items():
+            differ = next((r for r, (theirs, _) in enumerate(every) if theirs["fields"].get(name) != value), None)
+            if differ is not None:
+                raise ValueError(
+                    f"flashcl {call}(group=...): ranks disagree on the {name}: rank {self.rank} has {value}, "
+                    f"rank {differ} has {every[differ][0]['fields'].get(name)}")
+        self.anchor_sizes = [theirs["anchors"] for theirs, _ in every]
+        self.key_sizes = [theirs["keys"] for theirs, _ in every]
+        self.anchors, self.keys = sum(self.anchor_sizes), sum(self.key_sizes)
+        self.key_offset = sum(self.key_sizes[:self.rank])
+        self.anchor_offset = sum(self.anchor_sizes[:self.rank])
+        for rank, (theirs, _) in enumerate(every):  # global indices, checked where every rank sees them
+            low, high = theirs["target_range"] or (0, 0)
+            if theirs["target_range"] is not None and (low < 0 or high >= self.keys):
+                raise ValueError(f"flashcl {call}(group=...): targets must index the {self.keys} keys of all ranks, "
+                                 f"i.e. lie in [0, {self.keys - 1}], got values in [{low}, {high}] on rank {rank}")
+        if mine["default_targets"] and self.keys < self.anchors:
+            raise ValueError(f"flashcl {call}(group=...): targets=None pairs query i with key i over all ranks, so "
+                             f"the ranks need at least {self.anchors} keys in all, got {self.keys}; pass targets")
+
+    def _collective(self, what: str, run):
+        return collective(self.call, what, self.group, run)
+
+    def global_anchors(self, local_anchors: int) -> int:
+        return self.anchors
+
+    # -- layout -----------------------------------------------------------------------------------
+    def _rank_order(self, blocks: List[Tensor]) -> Tensor:
+        """Per-rank blocks (global order) as this rank's candidate order: its own first."""
+        return torch.cat([blocks[self.rank], *blocks[:self.rank], *blocks[self.rank + 1:]])
+
+    def _global_order(self, values: Tensor) -> List[Tensor]:
+        """The per-rank blocks, in rank order, of a tensor in this rank's candidate order."""
+        sizes = [self.key_sizes[self.rank], *self.key_sizes[:self.rank], *self.key_sizes[self.rank + 1:]]
+        pieces = list(values.split(sizes))
+        own = pieces.pop(0)
+        return pieces[:self.rank] + [own] + pieces[self.rank:]
+
+    def candidate_positions(self, global_index: Tensor) -> Tensor:
+        """Where candidates with these global indices sit in this rank's candidate order."""
+        start, end = self.key_offset, self.key_offset + self.key_sizes[self.rank]
+        local = (global_index >= start) & (global_index < end)
+        return torch.where(local, global_index - start,
+                           torch.where(global_index < start, global_index + (end - start), global_index))
+
+    def mean_count(self, local_anchors: int) -> float:
+        """What a rank divides its anchors' loss sum by for "mean": its share, times the world size."""
+        return self.anchors / self.world_size
+
+    # -- collectives --------------------------------------------------------------------------------
+    def _all_gather_rows(self, local: Tensor, sizes: List[int], what: str) -> List[Tensor]:
+        """Every rank's rows of a (sizes[rank], ...) tensor, padded for the collective, trimmed back."""
+        longest = max(sizes)
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._collective(what, lambda: dist.all_gather(blocks, padded.contiguous(), group=self.group))
+        return [block[:size] for block, size in zip(blocks, sizes)]
+
+    def candidates(self, keys: Tensor) -> Tensor:
+        """Every rank's candidates, this rank's first: (M, D). Gathered once per call and tensor."""
+        if self._gathered is None or self._gathered[0] is not keys:
+            self._gathered = (keys, self._rank_order(self._all_gather_rows(keys, self.key_sizes, "candidate all-gather")))
+        return self._gathered[1]
+
+    def gather_anchors(self, values: Tensor) -> Tensor:
+        """A per-anchor tensor from every rank, in rank order (the same on every rank)."""
+        return torch.cat(self._all_gather_rows(values, self.anchor_sizes, "anchor all-gather"))
+
+    def gather_detached(self, local: Tensor) -> Tensor:
+        """Every rank's rows of a (key_sizes[rank], ...) tensor in rank order, as constants."""
+        with torch.no_grad():
+            return torch.cat(self._all_gather_rows(local.detach(), self.key_sizes, "feature all-gather"))
+
+    def gather_columns(self, values: Tensor) -> Tensor:
+        """A per-candidate vector from every rank's local entries, in this rank's candidate order."""
+        return self._rank_order(self._all_gather_rows(values, self.key_sizes, "column all-gather"))
+
+    def column_lse(self, partial: Tensor) -> Tensor:
+        """This rank's columns' log-sum-exp over every rank's rows, from each rank's partial one."""
+        partial = torch.cat(self._global_order(partial))
+        peak = partial.clone()
+        self._collective("column max", lambda: dist.all_reduce(peak, dist.ReduceOp.MAX, group=self.group))
+        safe = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+        total = torch.exp(partial - safe)
+        self._collective("column sum", lambda: dist.all_reduce(total, group=self.group))
+        lse = safe + torch.log(total)
+        return lse[self.key_offset:self.key_offset + self.key_sizes[self.rank]]
+
+    def candidate_grads(self, grads: Tensor) -> Tensor:
+        """This rank's candidates' gradient: every rank's contributions (in its own candidate order), summed."""
+        longest = max(self.key_sizes)
+        blocks = self._global_order(grads)
+        stacked = grads.new_zeros((self.world_size, longest, *grads.shape[1:]))
+        for r, block in enumerate(blocks):
+            stacked[r, :block.shape[0]] = block
+        mine = grads.new_empty((longest, *grads.shape[1:]))
+        self._collective("gradient reduce-scatter", lambda: REDUCE_SCATTER(
+            mine, stacked.reshape(self.world_size * longest, *grads.shape[1:]), group=self.group))
+        return mine[:self.key_sizes[self.rank]]
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum over ranks, with the backward of a sum over ranks (see SumOverRanks)."""
+        return SumOverRanks.apply(value, self.group, self.call)
+
+    def max(self, value: Tensor) -> Tensor:
+        """The largest over ranks, detached (a shift that keeps exponentials in range)."""
+        peak = value.detach().clone()
+        self._collective("max", lambda: dist.all_reduce(peak, dist.ReduceOp.MAX, group=self.group))
+        return peak
+
+
+class SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is one too: each rank computes the same function of the sum,
+    so the gradient reaching a rank's term is the sum over ranks of their upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, value, group, call):
+        ctx.group, ctx.call = group, call
+        total = value.detach().clone()
+        collective(call, "sum", group, lambda: dist.all_reduce(total, group=group))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        collective(ctx.call, "gradient sum", ctx.group, lambda: dist.all_reduce(total, group=ctx.group))
+        return total, None, None
+
+
+def collective(call: str, what: str, group, run):
+    """run(), a collective of `call`; a failure (a timeout, a peer that left) says which call and why."""
+    try:
+        return run()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"flashcl {call}(group=...): the {what} collective failed on rank {dist.get_rank(group)} of "
+            f"{dist.get_world_size(group)} ({error}). Every rank of the group must make the same flashcl call with "
+            "the same group; a rank that passed group=None or another group never joins") from error
+
+
+class ShardedCall:
+    """The argument checks of a loss call, made collective: every rank's checks run inside
+
+        with ShardedCall(group, "clip_loss") as call:
+            check_pair(...)                              # may raise TypeError / ValueError
+            call.describe(anchors, keys, symmetric=True)  # what every rank must agree on
+        shards = call.shards                             # SINGLE_PROCESS without a group
+
+    and on the way out the ranks exchange their descriptions (or their errors), so a rank's bad
+    input or a disagreement raises on every rank at once instead of leaving the others waiting
+    in a collective. Without a group (or with a group of one) nothing is exchanged.
+    """
+
+    def __init__(self, group, call: str):
+        self.group, self.call = group, call
+        self.shards = SINGLE_PROCESS
+        self.description = None
+        self.sharded = False  # whether the rows are split over more than one rank (known inside `with`)
+
+    def describe(self, anchors: Tensor, keys: Tensor, anchor_count: Optional[int] = None,
+                 targets: Optional[Tensor] = None, default_targets: bool = False, **fields) -> None:
+        """anchors, keys: this rank's rows (anchor_count if it is not anchors' rows); targets: global
+        indices whose range every rank checks; fields: flags every rank must share."""
+        if not self.sharded:
+            return  # nothing is exchanged, so nothing is read (no device sync in one process)
+        self.description = {
+            "fields": {"call": self.call, "feature dimension": anchors.shape[1], "dtype": anchors.dtype,
+                       "device type": anchors.device.type, "anchors need gradients": anchors.requires_grad,
+                       "keys need gradients": keys.requires_grad, **fields},
+            "anchors": anchors.shape[0] if anchor_count is None else anchor_count, "keys": keys.shape[0],
+            "target_range": None if targets is None else (int(targets.min()), int(targets.max())),
+            "default_targets": default_targets,
+        }
+
+    def __enter__(self) -> "ShardedCall":
+        if self.group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{self.call}: group= needs torch.distributed initialized (init_process_group), "
+                               "or group=None for one process")
+        self.sharded = self.group is not None and dist.get_world_size(self.group) > 1
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if not self.sharded:
+            return False
+        if error is not None and not isinstance(error, (TypeError, ValueError)):
+            return False
+        if error is None and self.description is None:
+            raise RuntimeError(f"{self.call}: ShardedCall.describe() was not called")
+        self.shards = Shards(self.group, self.call, self.description, error)
+        return False  # this rank's own error, if any, propagates
