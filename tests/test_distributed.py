@@ -315,3 +315,24 @@ def test_a_rank_that_never_joins_fails_the_others_within_the_timeout():
     assert "flashcl clip_loss(group=...): the signature collective failed on rank 1 of 2" in message
     assert "a rank that passed group=None or another group never joins" in message
     assert seconds < timeout + 10
+
+
+def test_torchrun_example_trains():
+    """The README's distributed example: DDP on 2 CPU processes with flashcl.ClipLoss(world_size=2)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_clip.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master-port={port}", str(example), "--steps", "25"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(line.split("global loss")[1].split()[0]) for line in done.stdout.splitlines()
+              if "global loss" in line]
+    assert len(losses) >= 3 and losses[-1] < 0.6 * losses[0], done.stdout
+    assert "replicas identical" in done.stdout
