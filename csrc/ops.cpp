@@ -57,11 +57,11 @@ void check_launch(cudaError_t error, const char* kernel) {
 }
 
 // Row LSE of S = scale * a b^T; with merge_columns also the column LSE from the same pass.
+// exclude_diagonal leaves out the entries (i, i), i < min(rows, columns): a distributed rank's
+// anchors against every rank's candidates, its own first, is a rectangle with that diagonal.
 std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                                bool exclude_diagonal, bool merge_columns) {
   check_pair(a, b, scale);
-  TORCH_CHECK(!exclude_diagonal || a.size(0) == b.size(0),
-              "exclude_diagonal needs as many rows as columns, got ", a.size(0), " and ", b.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor row_lse = at::empty({a.size(0)}, f32);
@@ -94,7 +94,6 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
               ") must lie in [0, ", n, ")");
   TORCH_CHECK(row_w.has_value() == row_off.has_value() && col_w.has_value() == col_off.has_value(),
               "each exp term needs both its weights and its offsets");
-  TORCH_CHECK(!exclude_diagonal || n == m, "exclude_diagonal needs as many rows as columns, got ", n, " and ", m);
   TORCH_CHECK(positives_by == kNoPositives || positives_by == kPositivesByRow || positives_by == kPositivesByColumn,
               "positives_by must be 0 (none), 1 (by row) or 2 (by column), got ", positives_by);
   TORCH_CHECK((positives_by != kNoPositives) == (pos_index.has_value() && pos_coeff.has_value()),

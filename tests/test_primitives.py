@@ -43,14 +43,18 @@ def test_lse(backend, n, m, d, dtype, tiles, generator):
         assert_close(only_cols, ref_cols, dtype, "col lse alone", magnitude=scale)
 
 
-@pytest.mark.parametrize("n,d", [(2, 3), (33, 48), (130, 7)])
+@pytest.mark.parametrize("n,m,d", [(2, 2, 3), (33, 33, 48), (130, 130, 7), (20, 75, 9), (75, 20, 9)])
 @pytest.mark.parametrize("backend,dtype,tiles", FP32_CASES)
-def test_lse_excluding_diagonal(backend, dtype, n, d, tiles, generator):
-    x, _, s = inputs(n, n, d, torch.float32, generator)
+def test_lse_excluding_diagonal(backend, dtype, n, m, d, tiles, generator):
+    """Square (NT-Xent) and rectangular: a distributed rank's anchors against every rank's candidates,
+    its own first, leave out the entries (i, i), i < min(N, M)."""
+    x, y, s = inputs(n, m, d, torch.float32, generator)
+    if n == m:
+        y = x
     with flashcl.tiling(**tiles):
         impl = resolve_backend(backend, x)
-    ref_rows, ref_cols = reference.lse(x.double(), x.double(), s.double(), exclude_diagonal=True)
-    rows, cols = impl.lse(x, x, s, rows=True, cols=True, exclude_diagonal=True)
+    ref_rows, ref_cols = reference.lse(x.double(), y.double(), s.double(), exclude_diagonal=True)
+    rows, cols = impl.lse(x, y, s, rows=True, cols=True, exclude_diagonal=True)
     assert_close(rows, ref_rows, torch.float32, "row lse", magnitude=10.0)
     assert_close(cols, ref_cols, torch.float32, "col lse", magnitude=10.0)
 
@@ -89,15 +93,18 @@ def test_exp_weighted_grad(backend, n, m, d, dtype, tiles, generator):
         assert_close(ds, ref[2], dtype, f"ds {sorted(terms)}", magnitude=bound * max(n, m) / float(s))
 
 
+@pytest.mark.parametrize("n,m", [(70, 70), (40, 90), (90, 40)])
 @pytest.mark.parametrize("backend,dtype,tiles", FP32_CASES)
-def test_exp_weighted_grad_excluding_diagonal(backend, dtype, tiles, generator):
-    n, d = 70, 12
-    x, _, s = inputs(n, n, d, torch.float32, generator)
-    a, o, b, p, positives = grad_inputs(n, n, torch.float32, x, x, s, generator, exclude_diagonal=True)
+def test_exp_weighted_grad_excluding_diagonal(backend, dtype, n, m, tiles, generator):
+    d = 12
+    x, y, s = inputs(n, m, d, torch.float32, generator)
+    if n == m:
+        y = x
+    a, o, b, p, positives = grad_inputs(n, m, torch.float32, x, y, s, generator, exclude_diagonal=True)
     with flashcl.tiling(**tiles):
         impl = resolve_backend(backend, x)
-    ref = reference.exp_weighted_grad(x, x, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True)
-    got = impl.exp_weighted_grad(x, x, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True,
+    ref = reference.exp_weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True)
+    got = impl.exp_weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True,
                                  need_dx=True, need_dy=True, need_ds=True)
     for name, g, r in zip(("dx", "dy", "ds"), got, ref):
         assert_close(g, r, torch.float32, name, magnitude=1e3)

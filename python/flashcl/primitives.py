@@ -10,6 +10,9 @@ Every loss is assembled from
    and ds = sum_ij G_ij (x_i . y_j) in the statistics dtype. Any of a, b, positives
    may be None; the sparse positive term lets a backend round dx and dy only once.
 
+exclude_diagonal leaves out the entries (i, i) for i < min(N, M): NT-Xent's self-similarity,
+and, distributed, a rank's anchors against every rank's candidates with its own first.
+
 Backends take arguments that `checks` has already validated and never see a loss.
 """
 from __future__ import annotations
