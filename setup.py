@@ -70,4 +70,5 @@ def cuda_extension_kwargs() -> dict:
 
 
 if __name__ == "__main__":
-    setup(package_dir=PACKAGE_DIRS, packages=list(PACKAGE_DIRS) + ["flashcl.backends"], **cuda_extension_kwargs())
+    setup(package_dir=PACKAGE_DIRS, packages=list(PACKAGE_DIRS) + ["flashcl.backends", "flashcl.integrations"],
+          **cuda_extension_kwargs())

@@ -336,3 +336,38 @@ def test_torchrun_example_trains():
               if "global loss" in line]
     assert len(losses) >= 3 and losses[-1] < 0.6 * losses[0], done.stdout
     assert "replicas identical" in done.stdout
+
+
+def cached_step_under_ddp(rank, world_size):
+    """DDP-wrapped towers: the cached step (no_sync on all but each tower's last chunk) against the plain step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from test_cached import Tower
+
+    torch.manual_seed(0)
+    towers = [DistributedDataParallel(Tower(10, dropout=0.0)), DistributedDataParallel(Tower(6, dropout=0.0))]
+    g = torch.Generator().manual_seed(rank)
+    images, texts = torch.randn(7 + 2 * rank, 10, generator=g), torch.randn(7 + 2 * rank, 6, generator=g)
+    loss_fn = lambda a, b: flashcl.clip_loss(a, b, 10.0, group=dist.group.WORLD)
+    steps = []
+    for cached in (False, True):
+        for tower in towers:
+            tower.zero_grad()
+        if cached:
+            loss = flashcl.cached_loss(loss_fn, (towers[0], images), (towers[1], texts), chunk_size=3)
+        else:
+            loss = loss_fn(towers[0](images), towers[1](texts))
+        loss.backward()
+        steps.append([p.grad.clone() for tower in towers for p in tower.parameters()])
+    return steps
+
+
+def test_cached_step_under_ddp():
+    results = run_ranks(2, cached_step_under_ddp)
+    failed = [r for r in results if isinstance(r, RankFailed)]
+    assert not failed, failed[0].traceback
+    for rank, (plain, cached) in enumerate(results):
+        for a, b in zip(cached, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f"rank {rank}: {m}")
+        for a, b in zip(plain, results[0][0]):
+            torch.testing.assert_close(a, b)  # DDP averaged: every rank holds the same gradient

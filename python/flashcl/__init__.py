@@ -1,5 +1,6 @@
 """flashcl: exact contrastive losses that never materialize the N x M similarity matrix."""
 from .backends.torch_tiles import tiling
+from .cached import CachedLoss, cached_loss
 from .gamma import GammaContrastiveLoss
 from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss, row_logsumexp
 from .modules import ClipLoss, InfoNCELoss, NTXentLoss
@@ -10,6 +11,7 @@ from .regularizers import (ModalityStructureLoss, brownian_bridge_loss, feature_
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedLoss",
     "ClipLoss",
     "GammaContrastiveLoss",
     "GammaWeightedLoss",
@@ -18,6 +20,7 @@ __all__ = [
     "NTXentLoss",
     "available_backends",
     "brownian_bridge_loss",
+    "cached_loss",
     "clip_loss",
     "feature_separation_loss",
     "gamma_weighted_loss",

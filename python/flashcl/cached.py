@@ -100,9 +100,11 @@ class _ReplayChunks(torch.autograd.Function):
     with a graph and back-propagates its slice of the embedding gradient into the encoders."""
 
     @staticmethod
-    def forward(ctx, value, replay):
+    def forward(ctx, anchor, replay):
+        # `anchor` is a fresh leaf: it makes the output require grad while keeping the loss's own
+        # graph out of the caller's, since this backward runs that graph itself.
         ctx.replay = replay
-        return value.detach()
+        return replay[0].detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,7 +185,8 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
     loss = loss_fn(*embeddings)
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn must return a scalar tensor, got {loss if not isinstance(loss, Tensor) else loss.shape}")
-    return _ReplayChunks.apply(loss, (loss, embeddings, chunks, autocast, progress))
+    anchor = torch.empty(0, device=loss.device, requires_grad=True)
+    return _ReplayChunks.apply(anchor, (loss, embeddings, chunks, autocast, progress))
 
 
 class CachedLoss(nn.Module):
