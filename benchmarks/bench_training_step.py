@@ -13,7 +13,7 @@ Each (variant, batch) runs in a fresh process whose resident memory is watched: 
 skipped. Peak memory is the RSS high-water mark of the whole process (model, inputs, optimizer-free
 step); time is one step after a warm-up step at a small batch.
 
-    python benchmarks/bench_training_step.py                        # batch 1024 .. 65536, 4 GiB cap
+    python benchmarks/bench_training_step.py                        # batch 1024 .. 262144, 4 GiB cap
     python benchmarks/bench_training_step.py --batch-sizes 1024 2048 --cap-gib 2
 
 Writes <out>.json, <out>.md (the README's table) and <out>.png.
@@ -178,7 +178,8 @@ def plot(points, meta, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--mini-batch-size", type=int, default=256, help="chunk of the cached variants")
     parser.add_argument("--cap-gib", type=float, default=4.0, help="memory cap per process")

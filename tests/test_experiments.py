@@ -68,3 +68,15 @@ def test_modality_structure_smoke(tmp_path):
                                                        "+ all three"}
     assert result["chosen_weights"]["synthetic"]["bridge"] == 1.0
     assert all(0 <= value <= 1 for r in result["runs"] for value in r["scores"].values())
+
+
+def test_bench_training_step_smoke(tmp_path):
+    if importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("sentence-transformers is not installed")
+    stem = tmp_path / "step"
+    run_script("bench_training_step.py", "--batch-sizes", "96", "--variants", "flashcl", "flashcl cached",
+               "--mini-batch-size", "32", "--out", str(stem))
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert result["largest_batch"] == {"flashcl": 96, "flashcl cached": 96}
+    losses = [p["loss"] for p in result["points"]]
+    assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0])  # the same step, cached or not
