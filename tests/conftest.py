@@ -14,6 +14,17 @@ import torch.nn.functional as F
 
 import flashcl
 
+try:  # property-based tests (tests/test_properties.py): a fixed, derandomized set in CI
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=500, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile("ci")
+except ImportError:
+    pass
+
 DEVICE = torch.device(TEST_DEVICE)
 
 # Per-dtype tolerances against a float64 reference (DESIGN.md, "Precision").

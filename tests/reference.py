@@ -98,3 +98,25 @@ def feature_separation(shared, private, uniformity_t=2.0, orthogonality_weight=1
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=private.device)
     uniformity = torch.log(torch.exp(-uniformity_t * distances)[off_diagonal].mean())
     return orthogonality_weight * orthogonality + uniformity_weight * uniformity
+
+
+def gamma_weighted(a, b, scale, log_u_a, log_u_b=None, targets=None, reduction="mean", exclude_positive=False):
+    """-S_{i,t_i} + u_i mean_j exp(S_ij) (and its column twin with log_u_b), in the log domain so
+    that large logits do not overflow the reference either."""
+    s = logits(a, b, scale)
+    n, m = s.shape
+    targets = torch.arange(n, device=s.device) if targets is None else targets
+    mask = torch.eye(n, m, dtype=torch.bool, device=s.device) if exclude_positive else torch.zeros_like(s, dtype=torch.bool)
+
+    def direction(logits, mask, log_u, positives):
+        log_mean = logits.masked_fill(mask, float("-inf")).logsumexp(1) - torch.log((~mask).sum(1).to(logits.dtype))
+        return torch.exp(log_u + log_mean) - positives
+
+    losses = direction(s, mask, log_u_a, s[torch.arange(n, device=s.device), targets])
+    if log_u_b is not None:
+        losses = 0.5 * (losses + direction(s.T, mask.T, log_u_b, s.diagonal()))
+    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+
+
+def row_logsumexp(queries, keys, scale, exclude_diagonal=False):
+    return lse(queries, keys, scale, exclude_diagonal)[0]

@@ -221,3 +221,18 @@ def test_exp_weighted_grad_with_unbounded_weights(backend, dtype, tiles, generat
     assert_rows_close(dx, ref[0], float(s) * g.sum(1), dtype, "dx")
     assert_rows_close(dy, ref[1], float(s) * g.sum(0), dtype, "dy")
     assert_close(ds, ref[2], dtype, "ds", magnitude=g.sum().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_of_an_infinite_logit_is_nan_as_in_softmax(backend, generator):
+    """Found by tests/test_reliability.py: the torch backend's torch.logsumexp turned a row with a +inf
+    logit into LSE +inf (and the loss into +inf, other rows' gradients finite) where PyTorch's
+    cross-entropy, like the kernels, gives NaN (softmax's inf - inf). Non-finite input must be
+    non-finite exactly where the textbook loss is."""
+    x, y, s = inputs(6, 5, 4, torch.float32, generator)
+    x[2, 1] = float("inf")
+    rows, cols = resolve_backend(backend, x).lse(x, y, s, rows=True, cols=True, exclude_diagonal=False)
+    want_rows, want_cols = reference.lse(x.double(), y.double(), s.double())  # torch.logsumexp: inf there
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+    assert_close(rows[[0, 1, 3, 4, 5]], want_rows[[0, 1, 3, 4, 5]], torch.float32, "other rows", magnitude=10.0)
+    assert torch.equal(torch.isfinite(cols), torch.isfinite(want_cols))  # columns the infinity reaches

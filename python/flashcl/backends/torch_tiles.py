@@ -93,6 +93,14 @@ def _diagonal_of_tile(tile: Tensor, rows: slice, cols: slice) -> Tensor:
     return tile.diagonal(offset=rows.start - cols.start)
 
 
+def _logsumexp(logits: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp, except that an infinite logit gives NaN, not inf: softmax's inf - inf, so
+    non-finite input is non-finite exactly where the textbook loss's (and the kernels') is."""
+    peak = logits.amax(dim, keepdim=True)
+    peak = torch.where(peak == -torch.inf, torch.zeros_like(peak), peak)  # a row of nothing stays -inf
+    return (peak + torch.exp(logits - peak).sum(dim, keepdim=True).log()).squeeze(dim)
+
+
 def _exp_weights(logits, a, o, b, p, i: slice, j: slice) -> Tensor:
     """The tile of G = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j), either term optional."""
     weights = None
@@ -140,9 +148,9 @@ class TorchTiles:
                 if exclude_diagonal:
                     _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
                 if rows:
-                    row_lse[i] = torch.logaddexp(row_lse[i], torch.logsumexp(logits, dim=1))
+                    row_lse[i] = torch.logaddexp(row_lse[i], _logsumexp(logits, dim=1))
                 if cols:
-                    col_lse[j] = torch.logaddexp(col_lse[j], torch.logsumexp(logits, dim=0))
+                    col_lse[j] = torch.logaddexp(col_lse[j], _logsumexp(logits, dim=0))
         return row_lse, col_lse
 
     def exp_weighted_grad(

@@ -1,0 +1,260 @@
+"""Property-based tests: every public loss on shapes, dtypes, scales, reductions, targets and layouts
+nobody chose, against the float64 materialized reference.
+
+CI runs the "ci" profile (conftest.py: a fixed derandomized set of examples per test); run
+`pytest tests/test_properties.py --hypothesis-profile=long` locally for 500 examples per test.
+"""
+import math
+
+import pytest
+import torch
+
+import flashcl
+import reference
+from conftest import DEVICE, TOLERANCE
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+BACKENDS = [b for b in ("torch", "triton") if b in flashcl.available_backends(DEVICE)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+class Draw:
+    """What one example drew: sizes, dtype, scale, layouts; tensors come from a seeded generator."""
+
+    def __init__(self, data, backend, max_rows=300, max_dim=300):
+        self.data, self.backend = data, backend
+        self.dtype = data.draw(st.sampled_from([d for d in DTYPES if backend == "torch" or d != torch.float64]))
+        self.scale = 10 ** data.draw(st.floats(-3, 3))
+        self.generator = torch.Generator(DEVICE).manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+        self.max_rows, self.max_dim = max_rows, max_dim
+        self.dim = data.draw(st.integers(1, max_dim))
+
+    def rows(self, low=1):
+        return self.data.draw(st.integers(low, self.max_rows))
+
+    def features(self, rows):
+        """Rows of norm 0.5 to 2 in a drawn memory layout (expanded: every row the same)."""
+        layout = self.data.draw(st.sampled_from(LAYOUTS))
+        g, d = self.generator, self.dim
+        base = torch.randn(rows, 2 * d if layout == "sliced" else d, generator=g, dtype=torch.float64, device=DEVICE)
+        if layout == "sliced":
+            base = base[:, ::2]
+        if layout == "expanded":
+            base = base[:1].expand(rows, d)
+        norms = 0.5 + 1.5 * torch.rand(rows if layout != "expanded" else 1, 1, generator=g, dtype=torch.float64,
+                                       device=DEVICE)
+        unit = base / base.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = (unit * norms).to(self.dtype)
+        if layout == "transposed":
+            x = x.T.contiguous().T
+        elif layout == "expanded":
+            x = x[:1].expand(rows, d)
+        return x
+
+    def integers(self, low, high, count):
+        return torch.randint(low, high, (count,), generator=self.generator, device=DEVICE)
+
+    def reduction(self):
+        return self.data.draw(st.sampled_from(["mean", "sum", "none"]))
+
+
+def compare(draw, case, what):
+    """Loss and the gradients of the features and of the scale against the float64 reference.
+
+    Tolerances are the dtype's, relative to the size of the terms that cancel (conftest's
+    assert_close semantics), which each case bounds from its drawn norms and scale: `loss` for a
+    per-anchor loss term, `grad` and `scale_grad` per unit of anchor weight; the anchors' weights
+    (1/N for "mean", 1 for "sum", the upstream gradient for "none") sum to W."""
+    features, reduction = case["features"], case["reduction"]
+    leaves = [f.detach().requires_grad_() for f in features]
+    scale = torch.tensor(draw.scale, dtype=torch.promote_types(draw.dtype, torch.float32), device=DEVICE,
+                         requires_grad=True)
+    loss = case["call"](leaves, scale)
+    upstream = torch.randn(loss.shape, generator=draw.generator, dtype=loss.dtype, device=DEVICE)
+    grads = torch.autograd.grad(loss, [*leaves, scale], upstream, allow_unused=True)
+    ref_leaves = [f.detach().double().requires_grad_() for f in features]
+    ref_scale = scale.detach().double().requires_grad_()
+    want = case["ref"](ref_leaves, ref_scale)
+    want_grads = torch.autograd.grad(want, [*ref_leaves, ref_scale], upstream.double(), allow_unused=True)
+    tol = TOLERANCE[draw.dtype]
+    anchors = want.numel() if reduction == "none" else case.get("anchors", features[0].shape[0])
+    total_weight = upstream.abs().sum().item() if reduction == "none" else \
+        upstream.abs().item() * (1 if reduction == "mean" else anchors)
+
+    def close(got, expected, size, name):
+        if expected is None:
+            return
+        assert got is not None and got.shape == expected.shape, name
+        finite, settled = torch.isfinite(expected), torch.ones_like(expected, dtype=torch.bool)
+        if got.dtype in (torch.float16, torch.bfloat16):  # a gradient beyond the dtype's range is inf in it
+            limit = torch.finfo(got.dtype).max
+            settled = (expected.abs() - limit).abs() > tol * limit  # near the limit, rounding decides
+            finite = finite & (expected.abs() < limit)
+        assert torch.equal(torch.isfinite(got)[settled], finite[settled]), \
+            f"{what}: {name} is finite where the reference is not, or not"
+        finite = finite & settled
+        error = (got.double() - expected).abs()[finite]
+        allowed = tol * max(size, expected.abs()[finite].max().item() if finite.any() else 0.0, 1e-30)
+        assert error.numel() == 0 or error.max().item() <= allowed, \
+            f"{what}: {name} off by {error.max().item():.3g}, allowed {allowed:.3g}"
+
+    assert loss.dtype == (torch.float64 if draw.dtype == torch.float64 else torch.float32)
+    close(loss, want, case["loss"] * (anchors if reduction == "sum" else 1), "loss")
+    # A gradient exponentiates logits: a logit of size |S| rounded to fp32 is off by ~|S| 6e-8, and so
+    # is every exp(S - LSE) relative to itself, in any fp32 implementation. That floor (found by the
+    # long profile: scale 1e3, identical rows, the scale's gradient 1.03x over the plain tolerance)
+    # widens the gradients' tolerance once logits are large.
+    floor = 1.0 if draw.dtype == torch.float64 else max(1.0, case["loss"] * 1e-7 / tol)
+    for i, (g, w) in enumerate(zip(grads[:-1], want_grads[:-1])):
+        assert g is None or g.dtype == draw.dtype
+        close(g, w, case["grad"] * total_weight * floor, f"grad of input {i}")
+    close(grads[-1], want_grads[-1], case["scale_grad"] * total_weight * floor, "grad of scale")
+
+
+def norm(*features):
+    return max(f.double().norm(dim=1).max().item() for f in features)
+
+
+def contrastive_terms(draw, features, factor=1.0):
+    """A logit is at most s R^2; an anchor's softmax-minus-positive weights sum to at most 2, each
+    multiplying a row of norm R, as anchor and as candidate."""
+    r = norm(*features)
+    return dict(loss=draw.scale * r * r * factor, grad=4 * draw.scale * r * factor, scale_grad=2 * r * r * factor)
+
+
+# What every case draws beyond Draw: the losses' own arguments.
+
+def infonce_case(draw):
+    n, m = draw.rows(), draw.rows()
+    queries, keys = draw.features(n), draw.features(m)
+    explicit = m < n or draw.data.draw(st.booleans())
+    targets = draw.integers(0, m, n) if explicit else None  # repeated and out of order
+    reduction = draw.reduction()
+    return dict(features=[queries, keys], reduction=reduction, **contrastive_terms(draw, [queries, keys]),
+                call=lambda f, s: flashcl.infonce_loss(*f, s, targets, reduction, backend=draw.backend),
+                ref=lambda f, s: reference.infonce(*f, s, targets, reduction))
+
+
+def clip_case(draw):
+    n = draw.rows()
+    reduction, features = draw.reduction(), [draw.features(n), draw.features(n)]
+    return dict(features=features, reduction=reduction, **contrastive_terms(draw, features),
+                call=lambda f, s: flashcl.clip_loss(*f, s, reduction, backend=draw.backend),
+                ref=lambda f, s: reference.clip(*f, s, reduction))
+
+
+def nt_xent_case(draw):
+    n = draw.rows()
+    reduction, features = draw.reduction(), [draw.features(n), draw.features(n)]
+    return dict(features=features, reduction=reduction, anchors=2 * n, **contrastive_terms(draw, features, 2.0),
+                call=lambda f, s: flashcl.nt_xent_loss(*f, s, reduction, backend=draw.backend),
+                ref=lambda f, s: reference.nt_xent(*f, s, reduction))
+
+
+def gamma_case(draw):
+    symmetric = draw.data.draw(st.booleans())
+    exclude_positive = draw.data.draw(st.booleans())
+    n = draw.rows(low=2 if exclude_positive else 1)
+    m = n if symmetric or exclude_positive else draw.rows()
+    a, b = draw.features(n), draw.features(m)
+    targets = draw.integers(0, m, n) if not (symmetric or exclude_positive) and (m < n or draw.data.draw(
+        st.booleans())) else None
+    # Weights near 1 / Z (what the E-step draws), so u * mean exp(S) stays finite at any scale.
+    with torch.no_grad():
+        lse_rows, lse_cols = reference.lse(a.double(), b.double(), torch.tensor(draw.scale, dtype=torch.float64),
+                                           exclude_positive)
+    noise = lambda count: torch.randn(count, generator=draw.generator, dtype=torch.float64, device=DEVICE).clamp(-1, 1)
+    log_u_a = (math.log(max(m - exclude_positive, 1)) - lse_rows + noise(n)).float()
+    log_u_b = (math.log(max(n - exclude_positive, 1)) - lse_cols + noise(m)).float() if symmetric else None
+    reduction = draw.reduction()
+    # u exp(S - LSE) reaches e^1 times the softmax: weights up to e times InfoNCE's.
+    return dict(features=[a, b], reduction=reduction, **contrastive_terms(draw, [a, b], math.e),
+                call=lambda f, s: flashcl.gamma_weighted_loss(*f, s, log_u_a, log_u_b, targets, reduction,
+                                                              exclude_positive, backend=draw.backend).loss,
+                ref=lambda f, s: reference.gamma_weighted(*f, s, log_u_a.double(),
+                                                          None if log_u_b is None else log_u_b.double(), targets,
+                                                          reduction, exclude_positive))
+
+
+def row_logsumexp_case(draw):
+    exclude = draw.data.draw(st.booleans())
+    n = draw.rows(low=2 if exclude else 1)
+    m = n if exclude else draw.rows()
+    features = [draw.features(n), draw.features(m)]
+    return dict(features=features, reduction="none", **contrastive_terms(draw, features),
+                call=lambda f, s: flashcl.row_logsumexp(*f, s, exclude_diagonal=exclude, backend=draw.backend),
+                ref=lambda f, s: reference.row_logsumexp(*f, s, exclude))
+
+
+def bridge_case(draw):
+    n = draw.rows()
+    t = draw.data.draw(st.floats(0.05, 0.95))
+    sigma = 10 ** draw.data.draw(st.floats(-1, 1))
+    contrastive = draw.data.draw(st.booleans())
+    reduction = draw.reduction()
+    features = [draw.features(n), draw.features(n), draw.features(n)]
+    # An InfoNCE of [a, 1] against [mu, -|mu|^2 / 2] at scale 1 / (sigma^2 t (1 - t)); mu's gradient
+    # reaches the image and the text through |mu|^2 too. The drawn scale is not used.
+    r, bridge_scale = norm(*features), 1 / (sigma**2 * t * (1 - t))
+    logit = bridge_scale * math.sqrt(r * r + 1) * math.sqrt(r * r + r**4 / 4)
+    return dict(features=features, reduction=reduction, loss=logit, grad=4 * logit * (1 + r), scale_grad=0.0,
+                call=lambda f, s: flashcl.brownian_bridge_loss(*f, t, sigma=sigma, contrastive=contrastive,
+                                                               reduction=reduction, backend=draw.backend),
+                ref=lambda f, s: reference.brownian_bridge(*f, t, sigma, contrastive, reduction))
+
+
+def geometric_case(draw):
+    n = draw.rows()
+    views = draw.data.draw(st.integers(2, 4))
+    distinct = draw.data.draw(st.booleans())
+    features = [draw.features(n) for _ in range(views)]
+    args = lambda f: (f[0], f[1], f[2] if views > 2 else None, f[3] if views > 3 else None)
+    # Squares of differences of inner products of size R^2, as Frobenius products of D x D Grams
+    # whose entries sum N terms: the gradient's terms are 4 R (N R^2) / N^2 each, a few of them.
+    r = norm(*features)
+    return dict(features=features, reduction="mean", loss=8 * r**4, grad=32 * r**3, scale_grad=0.0, anchors=1,
+                call=lambda f, s: flashcl.geometric_consistency_loss(*args(f), distinct_pairs=distinct),
+                ref=lambda f, s: reference.geometric_consistency(*args(f), distinct))
+
+
+def separation_case(draw):
+    n = draw.rows(low=2)
+    u = 10 ** draw.data.draw(st.floats(-1, 0.5))
+    features = [draw.features(n), draw.features(n)]
+    # Orthogonality terms <z, p>^2 <= R^4; uniformity logits -u |p_j - p_k|^2 >= -4 u R^2.
+    r = norm(*features)
+    return dict(features=features, reduction="mean", loss=4 * u * r * r + r**4, grad=8 * u * r + 2 * r**3,
+                scale_grad=0.0, anchors=1,
+                call=lambda f, s: flashcl.feature_separation_loss(*f, uniformity_t=u, backend=draw.backend),
+                ref=lambda f, s: reference.feature_separation(*f, u))
+
+
+CASES = {"infonce": infonce_case, "clip": clip_case, "nt_xent": nt_xent_case, "gamma": gamma_case,
+         "row_logsumexp": row_logsumexp_case, "brownian_bridge": bridge_case, "geometric": geometric_case,
+         "separation": separation_case}
+INTERPRETED = ("infonce", "clip", "nt_xent", "gamma", "row_logsumexp")
+
+
+def run_case(name, data, backend, max_rows, max_dim):
+    draw = Draw(data, backend, max_rows, max_dim)
+    case = CASES[name](draw)
+    compare(draw, case, f"{name} on {backend}, {draw.dtype}, scale {draw.scale:.3g}, "
+                        f"shapes {[tuple(f.shape) for f in case['features']]}, reduction {case['reduction']}")
+
+
+@pytest.mark.parametrize("name", CASES)
+@given(data=st.data())
+def test_torch_backend(name, data):
+    run_case(name, data, "torch", 300, 300)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("name", INTERPRETED)
+@settings(max_examples=settings().max_examples // 2 or 1)
+@given(data=st.data())
+def test_triton_backend(name, data):
+    run_case(name, data, "triton", 48, 40)
