@@ -66,19 +66,25 @@ def worker(name: str, impl: str, batch: int, dim: int, device: str, repeats: int
     import torch.nn.functional as F
 
     loss_fn = (materialized if impl == "materialized" else exact)(name)
-    tiny = [torch.randn(8, dim, device=device, requires_grad=True) for _ in range(3)]
-    loss_fn(*tiny).backward()  # one-time set-up (thread pools, lazy loads) off the clock
+    loss_fn(*[torch.randn(8, dim, device=device, requires_grad=True) for _ in range(3)]).backward()  # set-up
     generator = torch.Generator(device=device).manual_seed(0)
     first = F.normalize(torch.randn(batch, dim, device=device, generator=generator), dim=1)
     inputs = [first] + [F.normalize(first + 0.5 * torch.randn(batch, dim, device=device, generator=generator), dim=1)
                         for _ in range(2)]
-    inputs = [x.requires_grad_() for x in inputs]
+    return measure(lambda: loss_fn(*inputs), [x.requires_grad_() for x in inputs], device, repeats)
+
+
+def measure(loss, leaves, device: str, repeats: int) -> dict:
+    """Peak memory above what is allocated now and the median time of `repeats` forward + backward
+    runs of loss() (after one untimed), with every leaf's gradient reset between runs."""
+    import torch
+
     cuda = device.startswith("cuda")
 
     def step():
-        for x in inputs:
+        for x in leaves:
             x.grad = None
-        loss_fn(*inputs).backward()
+        loss().backward()
         if cuda:
             torch.cuda.synchronize()
 
@@ -101,8 +107,9 @@ def worker(name: str, impl: str, batch: int, dim: int, device: str, repeats: int
     return {"peak_bytes": peak, "times_s": times[1:], "median_s": statistics.median(times[1:])}
 
 
-def run_point(name, impl, batch, dim, device, repeats) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, impl, "--batch-sizes", str(batch), "--dims", str(dim),
+def run_point(name, impl, batch, dim, device, repeats, script=__file__) -> dict:
+    """One point in a fresh process of `script` (its --worker entry), so its peak memory is its own."""
+    cmd = [sys.executable, script, "--worker", name, impl, "--batch-sizes", str(batch), "--dims", str(dim),
            "--device", device, "--repeats", str(repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # killed for memory is a result, not a crash
@@ -110,14 +117,15 @@ def run_point(name, impl, batch, dim, device, repeats) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(points: list) -> str:
-    rows = ["| regularizer | batch | dim | materialized time | flashcl time | time ratio | materialized peak "
+def table(points: list, kind: str = "regularizer", names=REGULARIZERS, baseline: str = "materialized") -> str:
+    """flashcl against `baseline` per (name, batch, dim): times, peaks and their ratios."""
+    rows = [f"| {kind} | batch | dim | {baseline} time | flashcl time | time ratio | {baseline} peak "
             "| flashcl peak | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    by_key = {(p["regularizer"], p["batch"], p["dim"], p["impl"]): p for p in points}
-    keys = sorted({(p["regularizer"], p["batch"], p["dim"]) for p in points},
-                  key=lambda k: (REGULARIZERS.index(k[0]), k[2], k[1]))
+    by_key = {(p[kind], p["batch"], p["dim"], p["impl"]): p for p in points}
+    keys = sorted({(p[kind], p["batch"], p["dim"]) for p in points},
+                  key=lambda k: (names.index(k[0]), k[2], k[1]))
     for name, batch, dim in keys:
-        ref, ours = by_key.get((name, batch, dim, "materialized"), {}), by_key.get((name, batch, dim, "flashcl"), {})
+        ref, ours = by_key.get((name, batch, dim, baseline), {}), by_key.get((name, batch, dim, "flashcl"), {})
         t = lambda p: f"{p['median_s'] * 1e3:.1f} ms" if "median_s" in p else p.get("error", "-")
         mem = lambda p: f"{p['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in p else "-"
         ratio_t = f"{ours['median_s'] / ref['median_s']:.2f}x" if "median_s" in ref and "median_s" in ours else "-"
@@ -128,22 +136,24 @@ def table(points: list) -> str:
     return "\n".join(rows)
 
 
-def plot(points: list, meta: dict, path: Path) -> None:
+def plot(points: list, meta: dict, path: Path, kind: str = "regularizer", names=REGULARIZERS,
+         impls=IMPLEMENTATIONS, title: str = "CVPR 2023 regularizers") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(REGULARIZERS), figsize=(13, 7), sharex=True)
-    colors = {"materialized": "tab:red", "flashcl": "tab:blue"}
-    for column, name in enumerate(REGULARIZERS):
-        for impl in IMPLEMENTATIONS:
+    names = [n for n in names if any(p[kind] == n for p in points)]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.4 * len(names), 7), sharex=True, squeeze=False)
+    colors = dict(zip(impls, ("tab:red", "tab:blue")))
+    for column, name in enumerate(names):
+        for impl in impls:
             for dim, line in zip(sorted({p["dim"] for p in points}), ("-", "--", ":")):
-                ok = sorted((p for p in points if (p["regularizer"], p["impl"], p["dim"]) == (name, impl, dim)
+                ok = sorted((p for p in points if (p[kind], p["impl"], p["dim"]) == (name, impl, dim)
                              and "median_s" in p), key=lambda p: p["batch"])
                 if not ok:
                     continue
-                style = dict(color=colors[impl], linestyle=line, marker="o" if impl == "materialized" else "s",
+                style = dict(color=colors[impl], linestyle=line, marker="s" if impl == "flashcl" else "o",
                              label=f"{impl}, D={dim}")
                 axes[0, column].plot([p["batch"] for p in ok], [max(p["peak_bytes"], 2**20) / 2**20 for p in ok],
                                      **style)
@@ -157,7 +167,7 @@ def plot(points: list, meta: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0, -1].legend(fontsize=8)
-    fig.suptitle(f"CVPR 2023 regularizers, float32, {meta['device']} ({meta['cpu_threads']} threads), "
+    fig.suptitle(f"{title}, float32, {meta['device']} ({meta['cpu_threads']} threads), "
                  f"torch {meta['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

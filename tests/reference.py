@@ -120,3 +120,38 @@ def gamma_weighted(a, b, scale, log_u_a, log_u_b=None, targets=None, reduction="
 
 def row_logsumexp(queries, keys, scale, exclude_diagonal=False):
     return lse(queries, keys, scale, exclude_diagonal)[0]
+
+
+def sigmoid_pairs(image, text, scale, bias, reduction="mean"):
+    """open_clip's SigLipLoss: -log sigmoid(z_ij (s x_i . y_j + b)) over all pairs, z = 2 I - 1."""
+    s = logits(image, text, scale) + bias
+    z = 2 * torch.eye(*s.shape, dtype=s.dtype, device=s.device) - 1
+    per_image = -F.logsigmoid(z * s).sum(1)
+    return {"mean": lambda: per_image.sum() / image.shape[0], "sum": per_image.sum, "none": lambda: per_image}[reduction]()
+
+
+def supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all", reduction="mean",
+           mean_over="anchors with a positive"):
+    """Khosla et al.'s SupCon, materialized, written from the paper's definition in the reference's layout:
+    views stacked view-major, the anchor's own entry out of the denominator and of its positives.
+    mean_over="all anchors" is the reference code's mean (anchors without a positive count as 0)."""
+    views = features if features.dim() == 3 else features[:, None]
+    n, v = views.shape[:2]
+    contrast = torch.cat(torch.unbind(views, dim=1))
+    sample = labels if labels is not None else torch.arange(n, device=features.device)
+    contrast_labels = sample.repeat(v)
+    anchors = contrast if contrast_mode == "all" else views[:, 0]
+    anchor_labels = contrast_labels[:anchors.shape[0]]
+    s = anchors @ contrast.T / temperature
+    itself = torch.zeros_like(s, dtype=torch.bool)
+    itself[torch.arange(anchors.shape[0]), torch.arange(anchors.shape[0])] = True
+    positive = (anchor_labels[:, None] == contrast_labels[None, :]) & ~itself
+    log_prob = s - s.masked_fill(itself, float("-inf")).logsumexp(1, keepdim=True)
+    count = positive.sum(1)
+    mean_log_prob = (log_prob * positive).sum(1) / count.clamp(min=1)
+    losses = torch.where(count > 0, -(temperature / base_temperature) * mean_log_prob, 0.0)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (count > 0).sum().clamp(min=1) if mean_over == "anchors with a positive" else losses.mean()

@@ -36,7 +36,8 @@ def global_inputs(anchors, keys, dtype=torch.float64):
                "targets": torch.randint(0, keys, (anchors,), generator=g),
                "log_u": torch.randn(anchors, generator=g, dtype=torch.float64) - 1,
                "log_v": torch.randn(anchors, generator=g, dtype=torch.float64) - 1,
-               "upstream": torch.randn(anchors, generator=g, dtype=torch.float64)}
+               "upstream": torch.randn(anchors, generator=g, dtype=torch.float64),
+               "labels": torch.randint(0, 3, (anchors,), generator=g)}
     split = {name: "keys" if name == "keys" else "anchors" for name in tensors}
     return tensors, split
 
@@ -75,6 +76,18 @@ CASES = {
                                                                         backend=b, group=g), "share"),
     "feature separation": (lambda t, s, g, b: flashcl.feature_separation_loss(t["image"], t["aug"], backend=b,
                                                                               group=g), "share"),
+    # The bias s - 9 makes the scale's gradient carry the bias's too.
+    "siglip mean": (lambda t, s, g, b: flashcl.siglip_loss(t["image"], t["text"], s, s - 9, backend=b, group=g),
+                    "share"),
+    "siglip none": (lambda t, s, g, b: flashcl.siglip_loss(t["image"], t["text"], s, s - 9, "none", backend=b,
+                                                           group=g), "rows"),
+    "supcon, labels": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), t["labels"],
+                                                              0.15, backend=b, group=g), "share"),
+    "supcon, views only": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), None,
+                                                                  0.2, reduction="sum", backend=b, group=g), "share"),
+    "supcon, one, none": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), t["labels"],
+                                                                 0.2, contrast_mode="one", reduction="none", backend=b,
+                                                                 group=g), "rows"),
 }
 
 
@@ -132,7 +145,7 @@ def test_every_loss_is_the_global_loss(world_size):
 
 def test_float32_and_the_triton_interpreter():
     pytest.importorskip("triton")
-    names = ["clip mean", "infonce, targets", "nt_xent"]
+    names = ["clip mean", "infonce, targets", "nt_xent", "siglip mean", "supcon, labels"]
     for backend in ("torch", "triton"):
         results = run_ranks(2, losses_on_ranks, names, backend, torch.float32)
         check_against_single_process(results, names, 2, backend, torch.float32)
@@ -184,6 +197,46 @@ def test_open_clip_parity_in_every_mode(world_size):
             scale_ours, scale_theirs = [sum(scale_ours)], [sum(scale_theirs)]
         for a, b in zip(scale_ours, scale_theirs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} scale grad: {m}")
+
+
+def open_clip_siglip_parity(rank, world_size):
+    from test_open_clip import load_open_clip_loss
+
+    open_clip = load_open_clip_loss()
+    n = 4  # open_clip's exchanges need equal shards
+    g = torch.Generator().manual_seed(4)
+    image = unit_rows(n * world_size, 8, g, torch.float64)
+    text = unit_rows(n * world_size, 8, g, torch.float64, like=image)
+    mine = slice(rank * n, (rank + 1) * n)
+    outcomes = {}
+    for dist_impl in ("bidir", "shift", "reduce", "gather"):
+        for make in (open_clip.SigLipLoss, flashcl.SigLipLoss):
+            loss_fn = make(rank=rank, world_size=world_size, dist_impl=dist_impl)
+            x, y = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+            log_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+            bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+            loss = loss_fn(x, y, log_scale.exp(), bias)
+            outcomes[(make.__module__, dist_impl)] = [loss.detach(), *torch.autograd.grad(loss, (x, y, log_scale,
+                                                                                                 bias))]
+    return outcomes
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_open_clip_siglip_parity_for_every_dist_impl(world_size):
+    """open_clip's SigLipLoss(world_size > 1): every rank's loss and its gradients of its features,
+    logit scale and bias, for each of open_clip's four exchange implementations."""
+    from test_open_clip import load_open_clip_loss
+
+    load_open_clip_loss()
+    results = run_ranks(world_size, open_clip_siglip_parity)
+    failed = [r for r in results if isinstance(r, RankFailed)]
+    assert not failed, failed[0].traceback
+    for dist_impl in ("bidir", "shift", "reduce", "gather"):
+        for rank, r in enumerate(results):
+            ours, theirs = r[("flashcl.modules", dist_impl)], r[("open_clip_loss", dist_impl)]
+            for what, a, b in zip(("loss", "image grad", "text grad", "log scale grad", "bias grad"), ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13,
+                                           msg=lambda m: f"rank {rank} {dist_impl} {what}: {m}")
 
 
 # -- GammaContrastiveLoss ----------------------------------------------------------------------------------

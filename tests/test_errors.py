@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument, before any kernel runs."""
+import functools
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ LOSSES = {
     "infonce": (flashcl.infonce_loss, ("queries", "keys"), "scale"),
     "clip": (flashcl.clip_loss, ("image_features", "text_features"), "logit_scale"),
     "nt_xent": (flashcl.nt_xent_loss, ("z1", "z2"), "scale"),
+    "siglip": (functools.partial(flashcl.siglip_loss, logit_bias=-1.0), ("image_features", "text_features"),
+               "logit_scale"),
 }
 
 
@@ -57,7 +61,7 @@ def test_devices_differ(loss):
         fn(features(), features(device="meta"), 2.0)
 
 
-@pytest.mark.parametrize("name", ["clip", "nt_xent"])
+@pytest.mark.parametrize("name", ["clip", "nt_xent", "siglip"])
 def test_paired_losses_need_equal_rows(name):
     fn, (a, b), _ = LOSSES[name]
     with pytest.raises(ValueError, match=f"{a} and {b} must have the same number of rows, got 4 and 6"):
@@ -156,3 +160,58 @@ def test_bad_tiling(kwargs, name):
     with pytest.raises(ValueError, match=f"tiling: {name} must be a positive int or None"):
         with flashcl.tiling(**kwargs):
             pass
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (torch.ones(2), ValueError, r"must be a Python float or a 0-d tensor, got shape \(2,\)"),
+    (torch.tensor(3), TypeError, r"must be a floating-point tensor, got torch.int64"),
+    ("-10", TypeError, r"must be a Python float or a 0-d tensor, got str"),
+    (float("nan"), ValueError, r"must be finite, got nan"),
+    (torch.tensor(float("-inf")), ValueError, r"must be finite, got -inf"),
+])
+def test_bad_logit_bias(bad, error, message):
+    with pytest.raises(error, match=f"^logit_bias {message}"):
+        flashcl.siglip_loss(features(), features(), 2.0, bad)
+
+
+@pytest.mark.parametrize("features_,labels,kwargs,error,message", [
+    (torch.randn(4), None, {}, ValueError, r"features must be \(N, V, D\) .* got shape \(4,\)"),
+    (torch.randn(4, 2, 3, 1), None, {}, ValueError, r"features must be \(N, V, D\)"),
+    ([[1.0]], None, {}, TypeError, r"features must be a torch.Tensor"),
+    (torch.randn(4, 0, 3), None, {}, ValueError, r"features has no views"),
+    (torch.randn(0, 2, 3), None, {}, ValueError, r"features is an empty batch"),
+    (torch.ones(4, 2, 3, dtype=torch.int64), None, {}, TypeError, r"features must have dtype"),
+    (torch.randn(4, 3), None, {}, ValueError, r"labels=None .* needs V >= 2 views"),
+    (torch.randn(4, 1, 3), None, {}, ValueError, r"labels=None .* needs V >= 2 views"),
+    (torch.randn(4, 2, 3), torch.zeros(3, dtype=torch.long), {}, ValueError, r"labels must have shape \(4,\)"),
+    (torch.randn(4, 2, 3), torch.zeros(4), {}, TypeError, r"labels must be an integer tensor"),
+    (torch.randn(4, 2, 3), [0, 1, 2, 3], {}, TypeError, r"labels must be an integer tensor of shape \(4,\), got list"),
+    (torch.randn(4, 2, 3), torch.zeros(4, dtype=torch.long, device="meta"), {}, ValueError, r"labels is on meta"),
+    (torch.randn(4, 2, 3), None, dict(contrast_mode="any"), ValueError, r"contrast_mode must be one of"),
+    (torch.randn(4, 2, 3), None, dict(temperature=0.0), ValueError, r"temperature must be a finite float > 0"),
+    (torch.randn(4, 2, 3), None, dict(base_temperature=float("inf")), ValueError, r"base_temperature must be"),
+    (torch.randn(4, 2, 3), None, dict(reduction="avg"), ValueError, r"reduction must be one of"),
+])
+def test_bad_supcon_arguments(features_, labels, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        flashcl.supcon_loss(features_, labels, **kwargs)
+
+
+def test_supcon_module_refuses_a_mask():
+    with pytest.raises(ValueError, match=r"mask: flashcl never builds the N x N positive mask"):
+        flashcl.SupConLoss()(torch.randn(4, 2, 3), mask=torch.eye(4))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dist_impl="ring"), r"dist_impl must be None, 'bidir', 'shift', 'reduce' or 'gather', got 'ring'"),
+    (dict(world_size=0), r"world_size must be a positive int, got 0"),
+    (dict(rank=2, world_size=2), r"rank must be an int in \[0, world_size=2\), got 2"),
+])
+def test_siglip_module_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flashcl.SigLipLoss(**kwargs)
+
+
+def test_distributed_siglip_loss_needs_an_initialized_process_group():
+    with pytest.raises(RuntimeError, match=r"SigLipLoss\(world_size=2\) needs torch.distributed initialized"):
+        flashcl.SigLipLoss(rank=0, world_size=2)(features(), features(), 2.0, -1.0)

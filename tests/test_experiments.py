@@ -80,3 +80,25 @@ def test_bench_training_step_smoke(tmp_path):
     assert result["largest_batch"] == {"flashcl": 96, "flashcl cached": 96}
     losses = [p["loss"] for p in result["points"]]
     assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0])  # the same step, cached or not
+
+
+def test_gamma_batch_study_smoke(tmp_path):
+    """The study end to end on a tiny grid: every (loss, batch, budget) row, chosen on validation."""
+    stem = tmp_path / "study"
+    run_script("gamma_batch_study.py", "--batch-sizes", "64", "0", "--epochs", "1", "--steps", "2", "--lrs", "1e-3",
+               "--temperatures", "0.1", "0.3", "--seeds", "0", "1", "--hidden", "16", "--out", str(stem))
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert {(r["loss"], r["batch"], r["budget"]) for r in result["runs"]} == {
+        (loss, batch, budget) for loss in ("InfoNCE", "gamma a=1", "gamma a=inf") for batch in (64, "full")
+        for budget in ("epochs", "steps")}
+    assert all(set(choice["validation"]) == {"(0.001, 0.1)", "(0.001, 0.3)"} for choice in result["chosen"].values())
+    assert all(0 <= value <= 1 for r in result["runs"] for value in r["scores"].values())
+    assert "| 1 epochs | full |" in stem.with_suffix(".md").read_text()
+
+
+def test_bench_siglip_supcon_smoke(tmp_path):
+    stem = tmp_path / "siglip_supcon"
+    run_script("bench_siglip_supcon.py", "--batch-sizes", "64", "--dims", "16", "--repeats", "1", "--out", str(stem))
+    points = json.loads(stem.with_suffix(".json").read_text())["points"]
+    assert len(points) == 4 and all(p["median_s"] > 0 and "peak_bytes" in p for p in points)
+    assert "| supcon | 64 | 16 |" in stem.with_suffix(".md").read_text()

@@ -31,7 +31,13 @@ CALLS = {
     "infonce": (lambda x, y, s: flashcl.infonce_loss(x, y, s), lambda x, y, s: reference.infonce(x, y, s)),
     "clip": (lambda x, y, s: flashcl.clip_loss(x, y[:N], s), lambda x, y, s: reference.clip(x, y[:N], s)),
     "nt_xent": (lambda x, y, s: flashcl.nt_xent_loss(x, y[:N], s), lambda x, y, s: reference.nt_xent(x, y[:N], s)),
+    "siglip": (lambda x, y, s: flashcl.siglip_loss(x, y[:N], s, s - 12),
+               lambda x, y, s: reference.sigmoid_pairs(x, y[:N], s, s - 12)),
+    # Views [x; y[:N]] of N samples in 3 classes: the class sums are 3 x D.
+    "supcon": (lambda x, y, s: flashcl.supcon_loss(torch.stack([x, y[:N].to(x.dtype)], 1), LABELS, 1 / 7),
+               lambda x, y, s: reference.supcon(torch.stack([x, y[:N]], 1), LABELS, 1 / 7)),
 }
+LABELS = torch.arange(N, device=DEVICE) % 3
 
 
 def forward_backward(loss_fn, generator, dtype=torch.float32):

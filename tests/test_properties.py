@@ -233,10 +233,40 @@ def separation_case(draw):
                 ref=lambda f, s: reference.feature_separation(*f, u))
 
 
+def siglip_case(draw):
+    n = draw.rows()
+    bias = draw.data.draw(st.floats(-20, 20))
+    reduction, features = draw.reduction(), [draw.features(n), draw.features(n)]
+    # A logit is at most s R^2 + |b|; an image's loss sums n softplus terms, its gradient n
+    # sigmoid-weighted rows (as anchor and as candidate).
+    r = norm(*features)
+    return dict(features=features, reduction=reduction, loss=n * (draw.scale * r * r + abs(bias) + 1),
+                grad=2 * n * draw.scale * r, scale_grad=2 * n * r * r,
+                call=lambda f, s: flashcl.siglip_loss(*f, s, bias, reduction, backend=draw.backend),
+                ref=lambda f, s: reference.sigmoid_pairs(*f, s, bias, reduction))
+
+
+def supcon_case(draw):
+    n, views = draw.rows(), draw.data.draw(st.integers(1, 3))
+    labelled = views == 1 or draw.data.draw(st.booleans())
+    labels = draw.integers(0, draw.data.draw(st.integers(1, n)), n) if labelled else None
+    mode = draw.data.draw(st.sampled_from(["all", "one"]))
+    reduction = draw.reduction()
+    features = [draw.features(n * views).reshape(n, views, draw.dim)]
+    # The drawn scale is 1/T; the loss is T/T_base = 1/(0.07 s) times a contrastive one (the
+    # positives' mean weighs at most 1, like a softmax row).
+    factor = 1 / (0.07 * draw.scale)
+    return dict(features=features, reduction=reduction, anchors=n * (views if mode == "all" else 1),
+                **contrastive_terms(draw, [features[0].reshape(-1, draw.dim)], factor),
+                call=lambda f, s: flashcl.supcon_loss(*f, labels, 1 / draw.scale, contrast_mode=mode,
+                                                      reduction=reduction, backend=draw.backend),
+                ref=lambda f, s: reference.supcon(*f, labels, 1 / draw.scale, contrast_mode=mode, reduction=reduction))
+
+
 CASES = {"infonce": infonce_case, "clip": clip_case, "nt_xent": nt_xent_case, "gamma": gamma_case,
          "row_logsumexp": row_logsumexp_case, "brownian_bridge": bridge_case, "geometric": geometric_case,
-         "separation": separation_case}
-INTERPRETED = ("infonce", "clip", "nt_xent", "gamma", "row_logsumexp")
+         "separation": separation_case, "siglip": siglip_case, "supcon": supcon_case}
+INTERPRETED = ("infonce", "clip", "nt_xent", "gamma", "row_logsumexp", "siglip", "supcon")
 
 
 def run_case(name, data, backend, max_rows, max_dim):

@@ -1,8 +1,9 @@
 """Primitive 2 in Triton: G @ b for the exp-weighted G of DESIGN.md, S recomputed tile by tile.
 
-    G_rc = w_r exp(S_rc - off_r) + v_c exp(S_rc - q_c) + k  where the positive (r, c) pair has coefficient k
+    G_rc = w_r f(S_rc - off_r) + v_c f(S_rc - q_c) + k  where the positive (r, c) pair has coefficient k
 
-with S = s * a @ b.T. One program owns BLOCK_R rows; it sweeps all column blocks,
+with f = exp, or sigmoid for the sigmoid family (SIGMOID),
+S = s * a @ b.T. One program owns BLOCK_R rows; it sweeps all column blocks,
 recomputes the S tile over D, forms the G tile and adds G_tile @ b[cols] into its own
 rows of an fp32 output, one BLOCK_D slice at a time (D may be any size, so the row
 accumulator lives in the output, not in registers). No two programs write the same
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._config import backward_configs, check_row_counts, dot_precision, launch, size_bucket, upcast
-from .lse_forward import scaled_logit_tile
+from .lse_forward import scaled_logit_tile, weight_function
 
 
 @triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
@@ -28,7 +29,7 @@ def _exp_weighted_matmul_kernel(
     stride_ar, stride_ad, stride_bc, stride_bd, stride_or,
     rows_bucket, cols_bucket,  # autotuning keys only
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, POSITIVES: tl.constexpr,
-    EXCLUDE_DIAGONAL: tl.constexpr,
+    EXCLUDE_DIAGONAL: tl.constexpr, SIGMOID: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, HALF_PRODUCT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -50,15 +51,15 @@ def _exp_weighted_matmul_kernel(
                               stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
         g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if HAS_ROW_TERM:
-            g += row_w[:, None] * tl.exp(s - row_off[:, None])
+            g += row_w[:, None] * weight_function(s - row_off[:, None], SIGMOID)
         if HAS_COL_TERM:
             col_w = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0)
             col_off = tl.load(col_off_ptr + cols, mask=col_ok, other=0.0)
-            g += col_w[None, :] * tl.exp(s - col_off[None, :])
+            g += col_w[None, :] * weight_function(s - col_off[None, :], SIGMOID)
         keep = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
-        g = tl.where(keep, g, 0.0)  # where, not a product: an excluded exp may be inf
+        g = tl.where(keep, g, 0.0)  # where, not a product: an excluded f may be inf
         if POSITIVES == 1:
             g += tl.where(row_target[:, None] == cols[None, :], row_coeff[:, None], 0.0)
         if POSITIVES == 2:  # by column: column c's positive is row pos_index[c]
@@ -97,13 +98,13 @@ def _exp_weighted_matmul_kernel(
 _exp_weighted_matmul_tuned = triton.autotune(
     configs=backward_configs(),
     key=["dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
-         "PRECISION"],
+         "SIGMOID", "PRECISION"],
     reset_to_zero=["out_ptr"],
 )(_exp_weighted_matmul_kernel)
 
 
 def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                          positives_by, exclude_diagonal, row_start, row_end, fixed_config=False):
+                          positives_by, exclude_diagonal, row_start, row_end, fixed_config=False, sigmoid=False):
     """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract);
     fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
     check_row_counts(a.shape[0], b.shape[0])
@@ -119,7 +120,7 @@ def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
             size_bucket(row_end - row_start), size_bucket(b.shape[0])),
            dict(HAS_ROW_TERM=row_w is not None, HAS_COL_TERM=col_w is not None, POSITIVES=positives_by,
-                EXCLUDE_DIAGONAL=exclude_diagonal, UPCAST=upcast(a.dtype),
+                EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=sigmoid, UPCAST=upcast(a.dtype),
                 HALF_PRODUCT=a.dtype != torch.float32 and not upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
            fixed_config, a.device)
     return out

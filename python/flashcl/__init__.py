@@ -3,10 +3,12 @@ from .backends.torch_tiles import tiling
 from .cached import CachedLoss, cached_loss
 from .gamma import GammaContrastiveLoss
 from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss, row_logsumexp
-from .modules import ClipLoss, InfoNCELoss, NTXentLoss
+from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from .primitives import available_backends
 from .regularizers import (ModalityStructureLoss, brownian_bridge_loss, feature_separation_loss,
                            geometric_consistency_loss)
+from .siglip import siglip_loss
+from .supcon import supcon_loss
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ __all__ = [
     "InfoNCELoss",
     "ModalityStructureLoss",
     "NTXentLoss",
+    "SigLipLoss",
+    "SupConLoss",
     "available_backends",
     "brownian_bridge_loss",
     "cached_loss",
@@ -28,5 +32,7 @@ __all__ = [
     "infonce_loss",
     "nt_xent_loss",
     "row_logsumexp",
+    "siglip_loss",
+    "supcon_loss",
     "tiling",
 ]

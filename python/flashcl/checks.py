@@ -64,26 +64,35 @@ def as_scale(name: str, scale: Union[float, Tensor], like: Tensor) -> Tensor:
     A tensor keeps its autograd graph (a learnable logit scale gets its exact gradient);
     a 0-d CPU tensor is accepted with features on any device, as torch ops accept it.
     """
+    return _as_scalar(name, scale, like, positive=True)
+
+
+def as_bias(name: str, bias: Union[float, Tensor], like: Tensor) -> Tensor:
+    """A finite scalar of any sign (a logit bias), as `as_scale` makes it."""
+    return _as_scalar(name, bias, like, positive=False)
+
+
+def _as_scalar(name: str, value: Union[float, Tensor], like: Tensor, positive: bool) -> Tensor:
     dtype = statistics_dtype(like.dtype)
-    if isinstance(scale, Tensor):
-        if scale.numel() != 1:
-            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(scale.shape)}")
-        if not scale.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
-        if scale.device != like.device and scale.device.type != "cpu":
-            raise ValueError(f"{name} is on {scale.device} but the features are on {like.device}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != like.device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
         # Reading the value syncs with the device and breaks a torch.compile graph, so
         # compiled code skips this one check (as it skips the range check of targets).
-        value = None if torch.compiler.is_compiling() else float(scale.detach())
-        scale_tensor = scale.reshape(()).to(device=like.device, dtype=dtype)
-    elif isinstance(scale, (float, int)) and not isinstance(scale, bool):
-        value = float(scale)
-        scale_tensor = torch.tensor(value, device=like.device, dtype=dtype)
+        number = None if torch.compiler.is_compiling() else float(value.detach())
+        tensor = value.reshape(()).to(device=like.device, dtype=dtype)
+    elif isinstance(value, (float, int)) and not isinstance(value, bool):
+        number = float(value)
+        tensor = torch.tensor(number, device=like.device, dtype=dtype)
     else:
-        raise TypeError(f"{name} must be a Python float or a 0-d tensor, got {type(scale).__name__}")
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return scale_tensor
+        raise TypeError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
+    if number is not None and not (math.isfinite(number) and (number > 0 or not positive)):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {number}")
+    return tensor
 
 
 def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Tensor) -> Tensor:
@@ -97,19 +106,25 @@ def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Ten
             raise ValueError(f"targets=None pairs query i with key i, so keys needs at least as many rows "
                              f"as queries ({n}), got {m}; pass targets explicitly")
         return torch.arange(n, device=like.device)
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be an integer tensor of shape ({n},), got {type(targets).__name__}")
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be an integer tensor (e.g. torch.long), got {targets.dtype}")
-    if targets.shape != (n,):
-        raise ValueError(f"targets must have shape ({n},) (one index per query), got {tuple(targets.shape)}")
-    if targets.device != like.device:
-        raise ValueError(f"targets is on {targets.device} but queries are on {like.device}")
+    targets = check_integers("targets", targets, n, like, "one index per query", "queries")
     if m is not None and not torch.compiler.is_compiling():
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")
     return targets.long()
+
+
+def check_integers(name: str, values, n: int, like: Tensor, meaning: str, like_name: str) -> Tensor:
+    """An integer tensor of shape (n,) on like's device, as int64."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape ({n},), got {type(values).__name__}")
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {values.dtype}")
+    if values.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) ({meaning}), got {tuple(values.shape)}")
+    if values.device != like.device:
+        raise ValueError(f"{name} is on {values.device} but {like_name} are on {like.device}")
+    return values.long()
 
 
 def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> Tensor:

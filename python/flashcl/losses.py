@@ -153,8 +153,11 @@ class RowLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, keys, scale, row_lse = ctx.saved_tensors
+        # A row whose every entry is excluded (one sample against itself) has an empty sum: no
+        # entry to weight, and -inf - (-inf) must not become a NaN weight of an excluded entry.
+        offsets = torch.where(row_lse == -torch.inf, 0.0, row_lse)
         dx, dkeys, ds = ctx.backend.exp_weighted_grad(
-            x, keys, scale, a=grad.contiguous(), o=row_lse, exclude_diagonal=ctx.exclude_diagonal,
+            x, keys, scale, a=grad.contiguous(), o=offsets, exclude_diagonal=ctx.exclude_diagonal,
             need_dx=ctx.needs_input_grad[0], need_dy=ctx.needs_input_grad[1], need_ds=ctx.needs_input_grad[2])
         return dx, ctx.shards.candidate_grads(dkeys) if dkeys is not None else None, ds, None, None, None
 

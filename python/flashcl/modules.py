@@ -10,6 +10,27 @@ from torch import Tensor, nn
 from .checks import check_pair
 from .distributed import ShardedCall, SumOverRanks, collective
 from .losses import clip_loss, infonce_loss, nt_xent_loss
+from .siglip import siglip_loss
+from .supcon import supcon_loss
+
+
+def _check_rank(rank, world_size) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+
+
+def _process_group(owner: str, rank: int, world_size: int, group):
+    """The group an open_clip-style loss with world_size > 1 runs over, checked against its rank and size."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{owner}(world_size={world_size}) needs torch.distributed initialized (init_process_group)")
+    group = group or dist.group.WORLD
+    actual = (dist.get_rank(group), dist.get_world_size(group))
+    if actual != (rank, world_size):
+        raise ValueError(f"{owner}(rank={rank}, world_size={world_size}) but this process is rank "
+                         f"{actual[0]} of a group of {actual[1]}")
+    return group
 
 
 class ClipLoss(nn.Module):
@@ -50,24 +71,13 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise ValueError("use_horovod=True: flashcl.ClipLoss runs on torch.distributed only; "
                              "initialize a torch.distributed process group and pass world_size and rank")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        _check_rank(rank, world_size)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.backend, self.group = backend, group
 
     def _process_group(self):
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs torch.distributed initialized "
-                               "(init_process_group)")
-        group = self.group or dist.group.WORLD
-        actual = (dist.get_rank(group), dist.get_world_size(group))
-        if actual != (self.rank, self.world_size):
-            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) but this process is rank "
-                             f"{actual[0]} of a group of {actual[1]}")
-        return group
+        return _process_group("ClipLoss", self.rank, self.world_size, self.group)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False
@@ -146,3 +156,52 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent_loss(z1, z2, 1.0 / self.temperature, self.reduction, backend=self.backend)
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in for open_clip's ``SigLipLoss``, without the N x N logits: `flashcl.siglip_loss`.
+
+    ``loss = SigLipLoss()(image_features, text_features, logit_scale, logit_bias)``, with
+    logit_scale the multiplier (open_clip passes ``model.logit_scale.exp()``) and logit_bias the
+    additive bias. With world_size > 1 (torch.distributed initialized; `group` defaults to the
+    world group) each rank passes its shard of pairs and gets open_clip's loss and gradients:
+    its images against every rank's texts, the texts' gradients back at their owners. open_clip
+    exchanges the text shards around a ring (dist_impl "bidir", "shift") or gathers them ("gather",
+    "reduce"); all four compute the same numbers, which flashcl computes with one all-gather.
+    cache_labels has nothing to cache here.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: Optional[str] = None, group=None):
+        super().__init__()
+        _check_rank(rank, world_size)
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be None, 'bidir', 'shift', 'reduce' or 'gather', got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl = dist_impl or "bidir"
+        self.backend, self.group = backend, group
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
+                logit_bias: Union[float, Tensor, None] = None, output_dict: bool = False
+                ) -> Union[Tensor, Dict[str, Tensor]]:
+        group = None if self.world_size == 1 else _process_group("SigLipLoss", self.rank, self.world_size, self.group)
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend, group=group)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SupConLoss(nn.Module):
+    """Module form of `flashcl.supcon_loss`, with the reference implementation's constructor:
+    ``SupConLoss(temperature=0.07, contrast_mode="all", base_temperature=0.07)(features, labels)``."""
+
+    def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
+                 reduction: str = "mean", *, backend: Optional[str] = None, group=None):
+        super().__init__()
+        self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
+        self.reduction, self.backend, self.group = reduction, backend, group
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        if mask is not None:
+            raise ValueError("mask: flashcl never builds the N x N positive mask; give each sample's class as labels "
+                             "(samples with equal labels are positives of each other)")
+        return supcon_loss(features, labels, self.temperature, self.base_temperature, self.contrast_mode,
+                           self.reduction, backend=self.backend, group=self.group)

@@ -4,11 +4,19 @@ Every loss is assembled from
 
 1. `lse(x, y, scale, rows, cols, exclude_diagonal)`: the row and/or column
    log-sum-exp of S = scale * x @ y.T, in the statistics dtype (fp32; fp64 for fp64 inputs);
-2. `exp_weighted_grad(x, y, scale, a, o, b, p, positives, exclude_diagonal, need_*)`:
-   with G_ij = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j) + c_i [j == t_i] for
+2. `exp_weighted_grad(x, y, scale, a, o, b, p, positives, exclude_diagonal, need_*, function)`:
+   with G_ij = a_i f(S_ij - o_i) + b_j f(S_ij - p_j) + c_i [j == t_i] for
    positives = (t, c), it returns dx = s G y and dy = s G^T x in the input dtypes
    and ds = sum_ij G_ij (x_i . y_j) in the statistics dtype. Any of a, b, positives
    may be None; the sparse positive term lets a backend round dx and dy only once.
+
+f is exp (the softmax family: primitive 1 is then the log-sum-exp whose derivative it is) or,
+for the sigmoid family (SigLIP), the logistic sigmoid, with primitive 1's sibling
+
+1'. `softplus_sums(x, y, scale, bias, exclude_diagonal)`: the row sums of softplus(S_ij + bias)
+    and of its derivative sigmoid(S_ij + bias) (primitive 2 with f = sigmoid, o = -bias).
+
+Both families run through the same tile loop of each backend; `functions` names those a backend has.
 
 exclude_diagonal leaves out the entries (i, i) for i < min(N, M): NT-Xent's self-similarity,
 and, distributed, a rank's anchors against every rank's candidates with its own first.
@@ -41,8 +49,13 @@ class Backend(Protocol):
     def exp_weighted_grad(self, x: Tensor, y: Tensor, scale: Tensor, *, a: Optional[Tensor],
                           o: Optional[Tensor], b: Optional[Tensor], p: Optional[Tensor],
                           positives: Optional[Tuple[Tensor, Tensor]], exclude_diagonal: bool,
-                          need_dx: bool, need_dy: bool, need_ds: bool
+                          need_dx: bool, need_dy: bool, need_ds: bool, function: str = "exp"
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
+
+    functions: Tuple[str, ...]  # the weight functions f it computes: "exp", and "sigmoid" with softplus_sums
+
+    def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
+                      exclude_diagonal: bool) -> Tuple[Tensor, Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +96,28 @@ def available_backends(device: Union[str, torch.device] = "cpu",
     return [name for name, entry in _BACKENDS.items() if _why_not(entry, device, dtype) is None]
 
 
-def _auto(like: Tensor) -> Backend:
-    return next(entry.make() for entry in _BACKENDS.values()
-                if entry.automatic(like.device) and _why_not(entry, like.device, like.dtype) is None)
+def _auto(like: Tensor, function: str = "exp") -> Backend:
+    candidates = (entry.make() for entry in _BACKENDS.values()
+                  if entry.automatic(like.device) and _why_not(entry, like.device, like.dtype) is None)
+    return next(backend for backend in candidates if function in backend.functions)
 
 
-def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
-    """The backend for one loss call: `backend` if given, else $FLASHCL_BACKEND, else 'auto'."""
+def resolve_backend(backend: Optional[str], like: Tensor, function: str = "exp") -> Backend:
+    """The backend for one loss call: `backend` if given, else $FLASHCL_BACKEND, else 'auto'.
+
+    function: the weight function the loss needs ("exp", or "sigmoid" for the sigmoid family); a
+    backend asked for by name that lacks it warns and hands over to the best one that has it.
+    """
+    chosen = _resolve(backend, like)
+    if function not in chosen.functions:
+        fallback = _auto(like, function)
+        warnings.warn(f"flashcl: the {chosen.name!r} backend has no {function} kernels yet; using {fallback.name!r}",
+                      RuntimeWarning, stacklevel=3)
+        return fallback
+    return chosen
+
+
+def _resolve(backend: Optional[str], like: Tensor) -> Backend:
     source = "backend" if backend is not None else ENV_VAR
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
     if name == "auto":
@@ -102,7 +130,7 @@ def resolve_backend(backend: Optional[str], like: Tensor) -> Backend:
     if missing is not None and entry.fallback_if_missing:
         chosen = _auto(like)
         warnings.warn(f"flashcl: {source}={name!r} but {missing}; using {chosen.name!r}", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)
         return chosen
     why_not = missing or entry.unavailable(like.device, like.dtype)
     if why_not is not None:

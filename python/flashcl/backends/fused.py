@@ -13,6 +13,11 @@ sees them as opaque nodes with fake implementations):
         S = scale * a @ b.T, and the positive pairs given by row (positives_by=1: row r's
         positive is column pos_index[r]) or by column (2: column c's positive is row pos_index[c]).
 
+A family with the sigmoid function as well (sigmoid=True) takes two more keywords, in the same
+kernels: lse_forward(..., bias=b) returns the row sums of softplus(S + b) and of sigmoid(S + b)
+instead of (row LSE, column LSE), and exp_weighted_products(..., sigmoid=True) puts sigmoid
+where G has exp.
+
 `FusedKernels` turns those into primitive 2: dx is the products of (x, y); dy the products
 of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks whose fp32 output stays
 within SCRATCH_BYTES (see `rows_per_chunk`).
@@ -31,14 +36,14 @@ ROWS_PER_MULTIPROCESSOR = 64  # the smallest row block of the product kernels
 NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
 
 
-def lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns):
+def lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns, bias=None):
     """The shapes lse_forward returns, for torch.compile's fake tensors."""
-    return (x.new_empty(x.shape[0], dtype=torch.float32),
-            x.new_empty(y.shape[0] if merge_columns else 0, dtype=torch.float32))
+    second = x.shape[0] if bias is not None else y.shape[0] if merge_columns else 0
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(second, dtype=torch.float32)
 
 
 def exp_weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
-                               exclude_diagonal, row_start, row_end):
+                               exclude_diagonal, row_start, row_end, sigmoid=False):
     """The shape exp_weighted_products returns, for torch.compile's fake tensors."""
     return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
 
@@ -74,11 +79,12 @@ class FusedKernels:
     """
 
     def __init__(self, name: str, lse_forward: Callable, exp_weighted_products: Callable,
-                 deterministic: Optional[bool] = None):
+                 deterministic: Optional[bool] = None, sigmoid: bool = False):
         self.name = name
         self._lse_forward = lse_forward
         self._products = exp_weighted_products
         self.deterministic = resolve_deterministic(deterministic)
+        self.functions = ("exp", "sigmoid") if sigmoid else ("exp",)
 
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
             exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -90,17 +96,22 @@ class FusedKernels:
         col_lse = self._lse_forward(y, x, scale, exclude_diagonal, False)[0] if cols else None
         return row_lse, col_lse
 
+    def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
+                      exclude_diagonal: bool = False) -> Tuple[Tensor, Tensor]:
+        return self._lse_forward(x, y, scale, exclude_diagonal, False, bias=bias.reshape(1))
+
     def _chunks(self, a: Tensor, b: Tensor, scale: Tensor, row_term, col_term, positives, positives_by,
-                exclude_diagonal):
+                exclude_diagonal, function):
         """(rows, G[rows] @ b) in fp32, a chunk of rows at a time."""
         (w, off), (v, q) = row_term or (None, None), col_term or (None, None)
         index, coeff = positives or (None, None)
+        sigmoid = {"sigmoid": True} if function == "sigmoid" else {}  # a family without it never gets here
         chunk = rows_per_chunk(a.shape[1], _multiprocessors(a.device))
         for start in range(0, a.shape[0], chunk):
             end = min(start + chunk, a.shape[0])
             yield slice(start, end), self._products(
                 a, b, scale, w, off, v, q, index, coeff,
-                positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end)
+                positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end, **sigmoid)
 
     def exp_weighted_grad(
         self, x: Tensor, y: Tensor, scale: Tensor, *,
@@ -108,8 +119,10 @@ class FusedKernels:
         b: Optional[Tensor] = None, p: Optional[Tensor] = None,
         positives: Optional[Tuple[Tensor, Tensor]] = None,
         exclude_diagonal: bool = False,
-        need_dx: bool = True, need_dy: bool = True, need_ds: bool = False,
+        need_dx: bool = True, need_dy: bool = True, need_ds: bool = False, function: str = "exp",
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        if function not in self.functions:
+            raise ValueError(f"the {self.name} kernels have no {function} weight function")
         # The kernels read these vectors with unit stride. (They keep G within the half-precision
         # range themselves, a row at a time, whatever the weights.)
         row_term = None if a is None else (a.contiguous(), o.contiguous())
@@ -120,13 +133,13 @@ class FusedKernels:
         ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
         if need_dx or need_ds:
             for rows, gy in self._chunks(x, y, scale, row_term, col_term, positives, POSITIVES_BY_ROW,
-                                         exclude_diagonal):
+                                         exclude_diagonal, function):
                 if need_ds:
                     ds += torch.sum(gy * x[rows].float())
                 if need_dx:
                     dx[rows] = gy.mul_(scale)
         if need_dy:
             for cols, gtx in self._chunks(y, x, scale, col_term, row_term, positives, POSITIVES_BY_COLUMN,
-                                          exclude_diagonal):
+                                          exclude_diagonal, function):
                 dy[cols] = gtx.mul_(scale)
         return dx, dy, ds

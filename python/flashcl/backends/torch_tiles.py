@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: both primitives over tiles of S = s * x @ y.T.
+"""The pure-PyTorch backend: the primitives over tiles of S = s * x @ y.T.
 
 S never exists whole. It is produced one (block_rows x block_cols) tile at a time,
 used, and dropped; backward recomputes the tiles instead of storing them. The tile
@@ -101,21 +101,32 @@ def _logsumexp(logits: Tensor, dim: int) -> Tensor:
     return (peak + torch.exp(logits - peak).sum(dim, keepdim=True).log()).squeeze(dim)
 
 
-def _exp_weights(logits, a, o, b, p, i: slice, j: slice) -> Tensor:
-    """The tile of G = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j), either term optional."""
+def softplus(z: Tensor) -> Tensor:
+    """log(1 + e^z) to the last bit in every dtype (torch's softplus switches to z above a threshold)."""
+    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+# The elementwise function f of primitive 2's G = a_i f(S_ij - o_i) + b_j f(S_ij - p_j).
+WEIGHT_FUNCTIONS = {"exp": torch.exp, "sigmoid": torch.sigmoid}
+
+
+def _weights(logits, a, o, b, p, i: slice, j: slice, function: str) -> Tensor:
+    """The tile of G = a_i f(S_ij - o_i) + b_j f(S_ij - p_j), either term optional."""
+    f = WEIGHT_FUNCTIONS[function]
     weights = None
     if a is not None:
-        weights = torch.sub(logits, o[i, None]).exp_().mul_(a[i, None])
+        weights = f(torch.sub(logits, o[i, None])).mul_(a[i, None])
     if b is not None:
-        col_term = torch.sub(logits, p[None, j]).exp_()
+        col_term = f(torch.sub(logits, p[None, j]))
         weights = col_term.mul_(b[None, j]) if weights is None else weights.addcmul_(col_term, b[None, j])
     return weights
 
 
 class TorchTiles:
-    """Primitives 1 and 2 of DESIGN.md in chunked PyTorch."""
+    """Primitives 1 and 2 of DESIGN.md in chunked PyTorch, for both weight functions."""
 
     name = "torch"
+    functions = tuple(WEIGHT_FUNCTIONS)
 
     def __init__(self, tiles: Optional[Tiling] = None):
         self.tiles = tiles or _tiling_scopes[-1]
@@ -153,6 +164,25 @@ class TorchTiles:
                     col_lse[j] = torch.logaddexp(col_lse[j], _logsumexp(logits, dim=0))
         return row_lse, col_lse
 
+    def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
+                      exclude_diagonal: bool = False) -> Tuple[Tensor, Tensor]:
+        """Primitive 1 for the sigmoid family: the row sums of softplus(S_ij + bias) and of its
+        derivative sigmoid(S_ij + bias), from one product per tile."""
+        dtype = statistics_dtype(x.dtype)
+        block_rows, block_cols = self._tile_grid(x, y)
+        s, bias = scale.to(dtype), bias.to(dtype)
+        sums = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+        slopes = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+        for i in _blocks(x.shape[0], block_rows):
+            x_scaled = x[i].to(dtype) * s
+            for j in _blocks(y.shape[0], block_cols):
+                logits = torch.addmm(bias, x_scaled, y[j].to(dtype).T)
+                if exclude_diagonal:
+                    _diagonal_of_tile(logits, i, j).fill_(-torch.inf)  # softplus and sigmoid of -inf: 0
+                sums[i] += softplus(logits).sum(dim=1)
+                slopes[i] += torch.sigmoid(logits).sum(dim=1)
+        return sums, slopes
+
     def exp_weighted_grad(
         self,
         x: Tensor,
@@ -168,9 +198,11 @@ class TorchTiles:
         need_dx: bool = True,
         need_dy: bool = True,
         need_ds: bool = False,
+        function: str = "exp",
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """dx = s G y, dy = s G^T x, ds = sum_ij G_ij (x_i . y_j), with
-        G_ij = a_i exp(S_ij - o_i) + b_j exp(S_ij - p_j) [+ c_i at j = t_i for positives=(t, c)].
+        G_ij = a_i f(S_ij - o_i) + b_j f(S_ij - p_j) [+ c_i at j = t_i for positives=(t, c)],
+        f = exp or sigmoid (`function`).
         """
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
@@ -189,7 +221,7 @@ class TorchTiles:
                     logits = x_scaled @ y_block.T
                     if exclude_diagonal:
                         _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
-                    weights = _exp_weights(logits, a, o, b, p, i, j)
+                    weights = _weights(logits, a, o, b, p, i, j, function)
                     if gy is not None:
                         gy[i].addmm_(weights, y_block)
                     if gtx is not None:

@@ -1,0 +1,91 @@
+"""SigLIP's pairwise sigmoid loss over the sigmoid family of the primitives.
+
+With S'_ij = s * x_i . y_j + b (logit scale s, logit bias b) and labels z_ii = +1, z_ij = -1,
+
+    L = -(1/N) sum_ij log sigmoid(z_ij S'_ij) = (1/N) sum_i l_i,   l_i = sum_j softplus(S'_ij) - S'_ii
+
+since -log sigmoid(-u) = softplus(u) and -log sigmoid(u) = softplus(u) - u. Forward is primitive 1'
+(the row sums of softplus(S') and of sigmoid(S')); dL/dS' = (1/N) (sigmoid(S') - I), so backward is
+primitive 2 with f = sigmoid, a = w, o = -b and the positive term -w_i at (i, i), and
+dL/db = sum_i w_i (sum_j sigmoid(S'_ij) - 1) from the forward's sigmoid sums. Nothing N x N exists.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .checks import as_bias, as_scale, check_pair, check_reduction
+from .distributed import ShardedCall
+from .losses import _anchor_weights, _reduce, positive_logits
+from .primitives import resolve_backend
+
+
+class SigmoidLoss(torch.autograd.Function):
+    """The reduced SigLIP loss of anchors x against candidates y (every rank's, with shards), pair i <-> i."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, reduction, backend, shards):
+        keys = shards.candidates(y)
+        softplus_sums, sigmoid_sums = backend.softplus_sums(x, keys, scale, bias)
+        pairs = torch.arange(x.shape[0], device=x.device)  # own shard first: pair i is candidate i
+        losses = softplus_sums - (positive_logits(x, keys, pairs, scale) + bias)
+        ctx.save_for_backward(x, keys, scale, bias, sigmoid_sums)
+        ctx.reduction, ctx.backend, ctx.shards = reduction, backend, shards
+        return _reduce(losses, reduction, ctx.shards)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, keys, scale, bias, sigmoid_sums = ctx.saved_tensors
+        weights = _anchor_weights(grad, ctx.reduction, x.shape[0], ctx.shards)
+        pairs = torch.arange(x.shape[0], device=x.device)
+        dx, dkeys, ds = ctx.backend.exp_weighted_grad(
+            x, keys, scale, a=weights.contiguous(), o=(-bias).expand(x.shape[0]).contiguous(),
+            positives=(pairs, -weights), exclude_diagonal=False, need_dx=ctx.needs_input_grad[0],
+            need_dy=ctx.needs_input_grad[1], need_ds=ctx.needs_input_grad[2], function="sigmoid")
+        dy = ctx.shards.candidate_grads(dkeys) if dkeys is not None else None
+        dbias = torch.sum(weights * (sigmoid_sums - 1)) if ctx.needs_input_grad[3] else None
+        return dx, dy, ds, dbias, None, None, None
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Union[float, Tensor],
+    logit_bias: Union[float, Tensor, None] = None,
+    reduction: str = "mean",
+    *,
+    backend: Optional[str] = None,
+    group=None,
+) -> Tensor:
+    """SigLIP's sigmoid loss: -(1/N) sum_ij log sigmoid(z_ij (s x_i . y_j + b)), z_ii = 1, z_ij = -1.
+
+    Args:
+        image_features, text_features: (N, D) each, row i of one paired with row i of the other.
+        logit_scale: the multiplier s itself (open_clip's ``logit_scale.exp()``), a float or 0-d tensor.
+        logit_bias: the additive b (SigLIP initializes it at -10), a float or 0-d tensor (may require
+            grad); None means 0, as in open_clip.
+        reduction: "mean" (open_clip's: the sum over all N x N pairs divided by N) | "sum" |
+            "none" (per image: sum_j softplus(S'_ij) - S'_ii, shape (N,)).
+        backend: "auto" | "triton" | "torch"; the CUDA C++ kernels have no sigmoid yet (asked for,
+            they warn and hand over to the best backend that has it).
+        group: a torch.distributed process group: each rank passes its shard of pairs, every rank's
+            texts are negatives of every image, and each rank gets its share times the world size
+            (see flashcl.distributed). With equal shards that is open_clip's SigLipLoss with
+            world_size > 1 exactly, in value and gradients, whichever dist_impl.
+
+    Equals open_clip's ``SigLipLoss()(image, text, s, b)`` without the (N, N) logits. The loss is fp32
+    (fp64 for fp64 inputs); gradients in the input dtype.
+    """
+    with ShardedCall(group, "siglip_loss") as call:
+        check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
+        check_reduction(reduction)
+        logit_scale = as_scale("logit_scale", logit_scale, image_features)
+        logit_bias = as_bias("logit_bias", 0.0 if logit_bias is None else logit_bias, image_features)
+        call.describe(image_features, text_features, reduction=reduction,
+                      scale_needs_gradient=logit_scale.requires_grad, bias_needs_gradient=logit_bias.requires_grad)
+    return SigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, reduction,
+                             resolve_backend(backend, image_features, "sigmoid"), call.shards)
