@@ -82,22 +82,26 @@ def cases(dtype_name):
         args, kwargs = launch
         return args, {**kwargs, "PRECISION": precision}
 
-    def lse(diagonal, merge_columns):
+    def lse(diagonal, merge_columns, bias=None):
         return with_precision(recorded_launch(lse_forward, lambda: lse_forward.lse_forward(
-            x, y, scale, diagonal, merge_columns)))
+            x, y, scale, diagonal, merge_columns, bias=bias)))
 
-    def products(row_term, col_term, positives_by, diagonal):
+    def products(row_term, col_term, positives_by, diagonal, sigmoid=False):
         return with_precision(recorded_launch(exp_weighted_backward, lambda: exp_weighted_backward.exp_weighted_products(
             x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
             *((cols_w, cols_off) if col_term else (None, None)),
             *((targets, coeff) if positives_by else (None, None)),
-            positives_by, diagonal, 0, n)))
+            positives_by, diagonal, 0, n, sigmoid=sigmoid)))
 
     yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
     yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
     yield "exp_weighted", "both terms, positives by row (CLIP dx)", *backward, products(True, True, 1, False)
     yield "exp_weighted", "row term only, positives by column", *backward, products(True, False, 2, False)
     yield "exp_weighted", "both terms, diagonal excluded (NT-Xent)", *backward, products(True, True, 0, True)
+    yield ("lse_forward", "softplus and sigmoid sums (SigLIP)", lse_forward._lse_forward_kernel,
+           lse_forward.softplus_configs(), lse(False, False, torch.tensor([-10.0])))
+    yield "exp_weighted", "sigmoid row term, positives by row (SigLIP dx)", *backward, products(True, False, 1, False,
+                                                                                               True)
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:

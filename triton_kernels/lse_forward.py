@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, upcast
+from ._config import (MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, softplus_configs,
+                      upcast)
 
 
 @triton.jit
@@ -131,11 +132,11 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, row_slop
         tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
 
 
-_lse_forward_tuned = triton.autotune(
-    configs=lse_configs(),
-    key=["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "SOFTPLUS", "PRECISION"],
-    reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
-)(_lse_forward_kernel)
+_AUTOTUNE_KEY = ["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "SOFTPLUS", "PRECISION"]
+_lse_forward_tuned = triton.autotune(configs=lse_configs(), key=_AUTOTUNE_KEY,
+                                     reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"])(_lse_forward_kernel)
+# The same kernel over smaller tiles for the sigmoid family (see softplus_configs).
+_softplus_sums_tuned = triton.autotune(configs=softplus_configs(), key=_AUTOTUNE_KEY)(_lse_forward_kernel)
 
 
 def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False, bias=None):
@@ -155,7 +156,7 @@ def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False
     else:
         col_max = col_sum = locks = row_lse  # stand-ins for pointers MERGE_COLUMNS switches off
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
-    launch(_lse_forward_tuned, grid,
+    launch(_softplus_sums_tuned if softplus else _lse_forward_tuned, grid,
            (a, b, scale, bias if softplus else scale, row_lse, row_slope, col_max, col_sum, locks, n_rows, n_cols,
             dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1), size_bucket(n_rows), size_bucket(n_cols)),
            dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns, SOFTPLUS=softplus,
