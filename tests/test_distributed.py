@@ -381,9 +381,18 @@ def test_torchrun_example_trains():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp_clip.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master-port={port}", str(example), "--steps", "25"],
-                          capture_output=True, text=True, timeout=180)
+    run = lambda: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                  f"--master-port={port}", str(example), "--steps", "25"],
+                                 capture_output=True, text=True, timeout=180)
+    done = run()
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # gloo on loopback now and then aborts a process in its own threads (seen about once in a
+        # few hundred gloo start-ups here, in CI and in bench_distributed, never reproduced on
+        # demand): one retry on a fresh port, so only a failure that repeats fails the test.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = run()
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(line.split("global loss")[1].split()[0]) for line in done.stdout.splitlines()
               if "global loss" in line]
