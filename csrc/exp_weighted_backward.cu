@@ -1,5 +1,6 @@
 // Primitive 2: rows [row_start, row_end) of G @ b, with S = scale * a @ b.T recomputed tile by tile and
-//   G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + the positive pairs' coefficients.
+//   G_rc = row_w_r f(S_rc - row_off_r) + col_w_c f(S_rc - col_off_c) + the positive pairs' coefficients,
+// f = exp, or the logistic sigmoid for the sigmoid family (terms.sigmoid).
 //
 // A block owns 64 rows of the fp32 output and sweeps every column block: S tile, then the
 // G tile in shared memory (in the input dtype, row-rescaled, for the tensor-core product),
@@ -36,6 +37,8 @@ struct BackwardBuffers<T, false> {
   __device__ float row_scale(int) const { return 1.0f; }
 };
 
+__device__ __forceinline__ float weight(float z, bool sigmoid) { return sigmoid ? stable_sigmoid(z) : __expf(z); }
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<T> a, Matrix<T> b, int64_t dim,
                                                                          ProductTerms terms, float* out,
@@ -59,8 +62,8 @@ __global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<
         const float s = buf.tile.s[r][c];
         // An excluded diagonal entry may overflow exp: skip it rather than multiply by zero.
         if (!(terms.exclude_diagonal && i == j)) {
-          if (terms.row_w) g += terms.row_w[i] * __expf(s - terms.row_off[i]);
-          if (terms.col_w) g += terms.col_w[j] * __expf(s - terms.col_off[j]);
+          if (terms.row_w) g += terms.row_w[i] * weight(s - terms.row_off[i], terms.sigmoid);
+          if (terms.col_w) g += terms.col_w[j] * weight(s - terms.col_off[j], terms.sigmoid);
         }
         if (terms.positives_by == kPositivesByRow && terms.pos_index[i] == j) g += terms.pos_coeff[i];
         if (terms.positives_by == kPositivesByColumn && terms.pos_index[j] == i) g += terms.pos_coeff[j];

@@ -22,10 +22,14 @@ struct LseForwardArgs {
   float *col_max, *col_sum;  // (n_cols,), -inf and 0; used when merge_columns
   int* locks;                // (ceil(n_cols / kColumnBlock),), zeroed; used when merge_columns
   bool exclude_diagonal, merge_columns;
+  // The sigmoid family: with a bias (device scalar), row_lse gets the row sums of softplus(S + bias)
+  // and row_slope (n_rows,) those of sigmoid(S + bias) instead (merge_columns is then false).
+  const float* bias;
+  float* row_slope;
 };
 
-// G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + positives; null pointers
-// switch a term off. Positives by row: row r's positive is column pos_index[r], coefficient
+// G_rc = row_w_r f(S_rc - row_off_r) + col_w_c f(S_rc - col_off_c) + positives, f = exp or (sigmoid)
+// the logistic sigmoid; null pointers switch a term off. Positives by row: row r's positive is column pos_index[r], coefficient
 // pos_coeff[r]; by column: column c's positive is row pos_index[c], coefficient pos_coeff[c].
 struct ProductTerms {
   const float* scale;
@@ -33,7 +37,7 @@ struct ProductTerms {
   const int64_t* pos_index;
   const float* pos_coeff;
   int64_t positives_by;
-  bool exclude_diagonal;
+  bool exclude_diagonal, sigmoid;
 };
 
 struct ProductArgs {

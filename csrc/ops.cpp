@@ -59,12 +59,22 @@ void check_launch(cudaError_t error, const char* kernel) {
 // Row LSE of S = scale * a b^T; with merge_columns also the column LSE from the same pass.
 // exclude_diagonal leaves out the entries (i, i), i < min(rows, columns): a distributed rank's
 // anchors against every rank's candidates, its own first, is a rectangle with that diagonal.
+// With a bias (the sigmoid family): the row sums of softplus(S + bias) and of sigmoid(S + bias) instead.
 std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                                               bool exclude_diagonal, bool merge_columns) {
+                                               bool exclude_diagonal, bool merge_columns,
+                                               const std::optional<at::Tensor>& bias) {
   check_pair(a, b, scale);
+  const bool softplus = bias.has_value();
+  if (softplus) {
+    TORCH_CHECK(bias->numel() == 1 && bias->scalar_type() == at::kFloat && bias->device() == a.device() &&
+                    bias->is_contiguous(),
+                "bias must be a one-element float32 tensor on ", a.device());
+    merge_columns = false;
+  }
   const c10::cuda::CUDAGuard guard(a.device());
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor row_lse = at::empty({a.size(0)}, f32);
+  at::Tensor row_slope = softplus ? at::empty({a.size(0)}, f32) : at::Tensor();
   at::Tensor col_max, col_sum, locks;
   if (merge_columns) {
     // -inf, "nothing yet": a zero would cap every column's running max at >= 0, and a column
@@ -77,8 +87,10 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Te
                       b.stride(0), b.stride(1), scale.data_ptr<float>(), row_lse.data_ptr<float>(),
                       merge_columns ? col_max.data_ptr<float>() : nullptr,
                       merge_columns ? col_sum.data_ptr<float>() : nullptr,
-                      merge_columns ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge_columns};
+                      merge_columns ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge_columns,
+                      softplus ? bias->data_ptr<float>() : nullptr, softplus ? row_slope.data_ptr<float>() : nullptr};
   check_launch(launch_lse_forward(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "lse_forward");
+  if (softplus) return {row_lse, row_slope};
   return {row_lse, merge_columns ? at::log(col_sum).add_(col_max) : at::empty({0}, f32)};
 }
 
@@ -87,7 +99,7 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
                                  const std::optional<at::Tensor>& col_w, const std::optional<at::Tensor>& col_off,
                                  const std::optional<at::Tensor>& pos_index,
                                  const std::optional<at::Tensor>& pos_coeff, int64_t positives_by,
-                                 bool exclude_diagonal, int64_t row_start, int64_t row_end) {
+                                 bool exclude_diagonal, int64_t row_start, int64_t row_end, bool sigmoid) {
   check_pair(a, b, scale);
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(0 <= row_start && row_start < row_end && row_end <= n, "rows [", row_start, ", ", row_end,
@@ -106,7 +118,7 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
                      static_cast<const float*>(vector_or_null("col_off", col_off, m, at::kFloat, a)),
                      static_cast<const int64_t*>(vector_or_null("pos_index", pos_index, positives_length, at::kLong, a)),
                      static_cast<const float*>(vector_or_null("pos_coeff", pos_coeff, positives_length, at::kFloat, a)),
-                     positives_by, exclude_diagonal};
+                     positives_by, exclude_diagonal, sigmoid};
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::zeros({row_end - row_start, a.size(1)}, a.options().dtype(at::kFloat));
   ProductArgs args{a.data_ptr(), b.data_ptr(), n, m, a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -119,11 +131,11 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
 }  // namespace
 
 TORCH_LIBRARY(flashcl, m) {
-  m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns) "
-        "-> (Tensor, Tensor)");
+  m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns, "
+        "Tensor? bias=None) -> (Tensor, Tensor)");
   m.def("exp_weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
         "Tensor? col_w, Tensor? col_off, Tensor? pos_index, Tensor? pos_coeff, int positives_by, "
-        "bool exclude_diagonal, int row_start, int row_end) -> Tensor");
+        "bool exclude_diagonal, int row_start, int row_end, bool sigmoid=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashcl, CUDA, m) {

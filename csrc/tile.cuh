@@ -140,4 +140,13 @@ __device__ void scaled_logit_tile(TileBuffers<T>& tile, const Matrix<T>& a, cons
   __syncthreads();
 }
 
+// The sigmoid family's elementwise functions, never overflowing: with e = exp(-|z|),
+// sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) below, softplus(z) = max(z, 0) + log1p(e).
+__device__ __forceinline__ float stable_sigmoid(float z) {
+  const float e = __expf(-fabsf(z));
+  return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+__device__ __forceinline__ float stable_softplus(float z) { return fmaxf(z, 0.0f) + log1pf(__expf(-fabsf(z))); }
+
 }  // namespace flashcl

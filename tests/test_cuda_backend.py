@@ -119,8 +119,10 @@ def test_operators_registered():
     assert "cuda" in flashcl.available_backends("cuda", torch.bfloat16)
     schema = str(torch.ops.flashcl.lse_forward.default._schema)
     assert schema == ("flashcl::lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, "
-                      "bool merge_columns) -> (Tensor, Tensor)")
-    assert "Tensor? pos_index" in str(torch.ops.flashcl.exp_weighted_products.default._schema)
+                      "bool merge_columns, Tensor? bias=None) -> (Tensor, Tensor)")
+    products = str(torch.ops.flashcl.exp_weighted_products.default._schema)
+    assert "Tensor? pos_index" in products and "bool sigmoid=False" in products
+    assert cuda_backend.make().functions == ("exp", "sigmoid")
 
 
 @requires_extension
@@ -146,6 +148,11 @@ def test_fake_implementations_give_the_shapes(dtype):
         assert (rows.shape, cols.shape, cols.dtype) == ((10,), (7,), torch.float32)
         out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 2, 9)
         assert (out.shape, out.dtype) == ((7, 8), torch.float32)
+        sums, slopes = torch.ops.flashcl.lse_forward(x, y, s, False, False, bias=s.reshape(1))  # the sigmoid family
+        assert (sums.shape, slopes.shape, slopes.dtype) == ((10,), (10,), torch.float32)
+        out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 0, 10,
+                                                      sigmoid=True)
+        assert out.shape == (10, 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not extension_built(), reason="needs a GPU and flashcl._C")
@@ -159,6 +166,8 @@ def test_fake_implementations_give_the_shapes(dtype):
      r"row_w must have shape \(5,\), got \[4\]"),
     (lambda x, s: torch.ops.flashcl.lse_forward(x.double(), x.double(), s, False, False),
      "float16, bfloat16 or float32 features"),
+    (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s, False, False, bias=s.double().reshape(1)),
+     "bias must be a one-element float32 tensor"),
 ])
 def test_kernel_arguments_are_checked(call, message):
     x, s = torch.randn(5, 4, device="cuda"), torch.tensor(2.0, device="cuda")

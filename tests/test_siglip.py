@@ -110,8 +110,8 @@ def test_softplus_sums_far_from_zero(backend, dtype, tiles, generator):
 
 
 def test_a_backend_without_sigmoid_kernels_hands_over(monkeypatch, generator):
-    """The CUDA C++ kernels have no sigmoid yet: asked for by name, such a backend warns and the best
-    backend with it computes the loss (here a torch backend that claims exp only stands in for it)."""
+    """A backend without the sigmoid family, asked for by name, warns and the best backend with it
+    computes the loss (a torch backend that claims exp only stands in for one)."""
     class ExpOnly(TorchTiles):
         name = "exp-only"
         functions = ("exp",)

@@ -70,8 +70,7 @@ def siglip_loss(
             grad); None means 0, as in open_clip.
         reduction: "mean" (open_clip's: the sum over all N x N pairs divided by N) | "sum" |
             "none" (per image: sum_j softplus(S'_ij) - S'_ii, shape (N,)).
-        backend: "auto" | "triton" | "torch"; the CUDA C++ kernels have no sigmoid yet (asked for,
-            they warn and hand over to the best backend that has it).
+        backend: "auto" | "triton" | "cuda" | "torch", as for every flashcl loss.
         group: a torch.distributed process group: each rank passes its shard of pairs, every rank's
             texts are negatives of every image, and each rank gets its share times the world size
             (see flashcl.distributed). With equal shards that is open_clip's SigLipLoss with

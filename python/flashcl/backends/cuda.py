@@ -49,4 +49,4 @@ def make(deterministic: Optional[bool] = None) -> FusedKernels:
     if error is not None:
         raise RuntimeError(error)
     return FusedKernels("cuda", torch.ops.flashcl.lse_forward, torch.ops.flashcl.exp_weighted_products,
-                        deterministic)
+                        deterministic, sigmoid=True)
