@@ -1,4 +1,5 @@
-"""flashcl against its peers on a GPU: symmetric CLIP loss, forward + backward, one process.
+"""flashcl against its peers on a GPU: symmetric CLIP loss (or SigLIP's, --loss siglip), forward +
+backward, one process.
 
 Contenders, each run on the same random unit-norm bf16 features with a learnable logit scale:
   triton    flashcl.clip_loss(backend="triton")
@@ -6,6 +7,8 @@ Contenders, each run on the same random unit-norm bf16 features with a learnable
   textbook  the materialized loss in eager PyTorch (open_clip's single-process math)
   open_clip open_clip's ClipLoss, loaded from its loss.py (skipped if not installed)
   inf_cl    Inf-CL, two calls of cal_inf_loss (q, k) and (k, q) (skipped if not installed)
+With --loss siglip: flashcl.siglip_loss on triton and cuda, "textbook" the materialized sigmoid
+loss, open_clip its SigLipLoss; logit bias -10, learnable (inf_cl has no sigmoid loss).
 
 Reports the median time of forward + backward (triton.testing.do_bench), for flashcl's
 backends also of the forward alone, the peak memory above inputs and gradients, and the
@@ -16,6 +19,7 @@ The JSON also records the Triton configs the autotuner chose, for tuning the gri
 
     python benchmarks/bench_gpu.py                    # the issue's grid
     python benchmarks/bench_gpu.py --dims 768 --batch-sizes 4096 --contenders triton textbook
+    python benchmarks/bench_gpu.py --loss siglip --dims 768 --batch-sizes 16384 65536 --extra
 
 Writes <out>.json, <out>.md and <out>.png. Without CUDA it runs on the CPU with wall-clock
 timing, for smoke tests only.
@@ -44,8 +48,10 @@ FLASHCL_BACKENDS = ("triton", "cuda")
 CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl")
 
 
-def load_contender(name, device, dtype):
-    """The loss function of a contender, or None when it cannot run here."""
+def load_contender(name, device, dtype, loss="clip"):
+    """The loss function (image, text, scale) of a contender, or None when it cannot run here."""
+    if loss == "siglip":
+        return load_siglip_contender(name, device, dtype)
     if name in FLASHCL_BACKENDS:
         # available_backends, not backend="cuda" alone: that falls back, with a warning, to another backend
         if name not in flashcl.available_backends(device, dtype):
@@ -69,6 +75,31 @@ def load_contender(name, device, dtype):
         return lambda image, text, scale: (cal_inf_loss(image, text, scale=scale) +
                                            cal_inf_loss(text, image, scale=scale)) / 2
     raise ValueError(name)
+
+
+def load_siglip_contender(name, device, dtype):
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    if name in FLASHCL_BACKENDS:
+        if name not in flashcl.available_backends(device, dtype):
+            return None
+        return lambda image, text, scale: flashcl.siglip_loss(image, text, scale, bias, backend=name)
+    if name == "textbook":
+        def textbook(image, text, scale):
+            logits = scale * image @ text.T + bias
+            labels = 2 * torch.eye(image.shape[0], device=device, dtype=logits.dtype) - 1
+            return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+        return textbook
+    if name == "open_clip":
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            return None
+        module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        siglip = module.SigLipLoss()
+        return lambda image, text, scale: siglip(image, text, scale, bias)
+    return None
 
 
 def median_ms(fn, device, grad_to_none):
@@ -184,7 +215,8 @@ def machine(device):
 
 
 def table(points, meta):
-    lines = [f"Symmetric CLIP loss, forward + backward, {meta['dtype']}, {meta['device']}, {meta['date'][:10]}, "
+    what = "SigLIP's sigmoid loss" if meta.get("loss") == "siglip" else "Symmetric CLIP loss"
+    lines = [f"{what}, forward + backward, {meta['dtype']}, {meta['device']}, {meta['date'][:10]}, "
              f"flashcl {meta['commit']}; matmul {meta['matmul_tflops']:.3g} TFLOP/s and "
              f"{meta['exp_per_s'] / 1e12:.3g} Texp/s measured in this run; median time.",
              "", "| N | D | contender | time | forward | % of floor | vs fastest flashcl | "
@@ -234,7 +266,8 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--extra", nargs="*", default=["262144:768"], help="extra N:D points")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/clip_loss_<device>)")
+    parser.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/<loss>_loss_<device>)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,10 +275,10 @@ def main():
     from tqdm import tqdm
 
     meta = {**machine(device), "matmul_tflops": matmul_tflops(device), "exp_per_s": exp_rate(device),
-            "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:]}
+            "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:], "loss": args.loss}
     grid = [(n, d) for d in args.dims for n in args.batch_sizes]
     grid += [tuple(int(v) for v in point.split(":")) for point in args.extra]
-    loss_fns = {name: load_contender(name, device, dtype) for name in args.contenders}
+    loss_fns = {name: load_contender(name, device, dtype, args.loss) for name in args.contenders}
     points = []
     for (n, d), name in tqdm([(shape, name) for shape in grid for name in args.contenders], desc="points"):
         floor_ms = 1e3 * max(8 * n * n * d / (meta["matmul_tflops"] * 1e12), 2 * n * n / meta["exp_per_s"])
@@ -259,7 +292,7 @@ def main():
         points.append(point)
     meta["triton_configs"] = triton_choices()
 
-    stem = args.out or RESULTS / f"clip_loss_{device.type}_{meta['device'].replace(' ', '_')}"
+    stem = args.out or RESULTS / f"{args.loss}_loss_{device.type}_{meta['device'].replace(' ', '_')}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"machine": meta, "points": points}, indent=2) + "\n")
     markdown = table(points, meta)

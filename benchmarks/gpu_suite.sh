@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in phases that each fit one 10-minute device call:
 #   bash benchmarks/gpu_suite.sh test      the test suite on CUDA tensors (Triton and the CUDA extension)
-#   bash benchmarks/gpu_suite.sh bench     benchmarks/bench_gpu.py against the peers [its arguments]
+#   bash benchmarks/gpu_suite.sh bench     benchmarks/bench_gpu.py against the peers [its arguments], then SigLIP
 #   bash benchmarks/gpu_suite.sh profile   Nsight Compute on flashcl's kernels at N = 16384, D = 768
 #   bash benchmarks/gpu_suite.sh all       the three in turn (a long call)
 # Each phase installs flashcl first if this machine lacks it (building flashcl._C for this
@@ -55,6 +55,9 @@ if [[ $phase == test || $phase == all ]]; then
 fi
 if [[ $phase == bench || $phase == all ]]; then
     python3 benchmarks/bench_gpu.py --out "$out/clip_loss_gpu" "$@"
+    # Issue 16's point: SigLIP at B = 65536, D = 768, bf16 (the siglip-kernel package claims 48.8 ms on H100).
+    python3 benchmarks/bench_gpu.py --loss siglip --dims 768 --batch-sizes 16384 65536 --extra \
+        --contenders triton cuda textbook open_clip --out "$out/siglip_loss_gpu"
 fi
 if [[ $phase == profile || $phase == all ]]; then
     # A few launches of each kernel after warm-up and autotuning; the rest run unprofiled.

@@ -31,3 +31,18 @@ def test_bench_gpu_smoke(tmp_path):
     assert set(result["machine"]["triton_configs"]) == {"lse_forward", "exp_weighted_products"}
     assert "| 48 | 32 | triton |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu", reason="the GPU run is the real one")
+def test_bench_gpu_siglip_smoke(tmp_path):
+    pytest.importorskip("triton")
+    stem = tmp_path / "siglip"
+    run = subprocess.run([sys.executable, "bench_gpu.py", "--loss", "siglip", "--dims", "32", "--batch-sizes", "48",
+                          "--extra", "--contenders", "triton", "textbook", "open_clip", "--out", str(stem)],
+                         cwd=BENCHMARKS, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    points = {p["contender"]: p for p in json.loads(stem.with_suffix(".json").read_text())["points"]}
+    for name in ("textbook", "open_clip"):  # the same loss on the same data
+        assert abs(points["triton"]["loss"] - points[name]["loss"]) < 1e-4 * abs(points[name]["loss"])
+    assert "SigLIP's sigmoid loss" in stem.with_suffix(".md").read_text()
