@@ -8,7 +8,8 @@ Contenders, each run on the same random unit-norm bf16 features with a learnable
   open_clip open_clip's ClipLoss, loaded from its loss.py (skipped if not installed)
   inf_cl    Inf-CL, two calls of cal_inf_loss (q, k) and (k, q) (skipped if not installed)
 With --loss siglip: flashcl.siglip_loss on triton and cuda, "textbook" the materialized sigmoid
-loss, open_clip its SigLipLoss; logit bias -10, learnable (inf_cl has no sigmoid loss).
+loss, open_clip its SigLipLoss, siglip_kernel the siglip-kernel package's fused_siglip_loss (its
+automatic backend); logit bias -10, learnable (inf_cl has no sigmoid loss).
 
 Reports the median time of forward + backward (triton.testing.do_bench), for flashcl's
 backends also of the forward alone, the peak memory above inputs and gradients, and the
@@ -45,7 +46,7 @@ from bench_clip_loss import clip_loss_textbook, git_commit  # the same textbook 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLASHCL_BACKENDS = ("triton", "cuda")
-CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl")
+CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl", "siglip_kernel")
 
 
 def load_contender(name, device, dtype, loss="clip"):
@@ -67,6 +68,8 @@ def load_contender(name, device, dtype, loss="clip"):
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         return module.ClipLoss()
+    if name == "siglip_kernel":
+        return None  # a sigmoid loss only
     if name == "inf_cl":
         if importlib.util.find_spec("inf_cl") is None:
             return None
@@ -99,6 +102,12 @@ def load_siglip_contender(name, device, dtype):
         module_spec.loader.exec_module(module)
         siglip = module.SigLipLoss()
         return lambda image, text, scale: siglip(image, text, scale, bias)
+    if name == "siglip_kernel":
+        if importlib.util.find_spec("siglip_kernel") is None:
+            return None
+        from siglip_kernel import fused_siglip_loss
+
+        return lambda image, text, scale: fused_siglip_loss(image, text, scale.log(), bias)  # takes log(scale)
     return None
 
 
@@ -265,10 +274,13 @@ def main():
     parser.add_argument("--dims", type=int, nargs="+", default=[512, 768, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--extra", nargs="*", default=["262144:768"], help="extra N:D points")
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS,
+                        help="default: every contender of the loss (inf_cl for clip, siglip_kernel for siglip)")
     parser.add_argument("--loss", choices=("clip", "siglip"), default="clip")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/<loss>_loss_<device>)")
     args = parser.parse_args()
+    if args.contenders is None:
+        args.contenders = [c for c in CONTENDERS if c != ("inf_cl" if args.loss == "siglip" else "siglip_kernel")]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -57,7 +57,7 @@ if [[ $phase == bench || $phase == all ]]; then
     python3 benchmarks/bench_gpu.py --out "$out/clip_loss_gpu" "$@"
     # Issue 16's point: SigLIP at B = 65536, D = 768, bf16 (the siglip-kernel package claims 48.8 ms on H100).
     python3 benchmarks/bench_gpu.py --loss siglip --dims 768 --batch-sizes 16384 65536 --extra \
-        --contenders triton cuda textbook open_clip --out "$out/siglip_loss_gpu"
+        --contenders triton cuda textbook open_clip siglip_kernel --out "$out/siglip_loss_gpu"
 fi
 if [[ $phase == profile || $phase == all ]]; then
     # A few launches of each kernel after warm-up and autotuning; the rest run unprofiled.
