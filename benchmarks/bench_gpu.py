@@ -49,6 +49,17 @@ FLASHCL_BACKENDS = ("triton", "cuda")
 CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl", "siglip_kernel")
 
 
+def open_clip_loss_module():
+    """open_clip's loss.py on its own (the package import needs torchvision, loss.py does not), or None."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        return None
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_contender(name, device, dtype, loss="clip"):
     """The loss function (image, text, scale) of a contender, or None when it cannot run here."""
     if loss == "siglip":
@@ -61,13 +72,8 @@ def load_contender(name, device, dtype, loss="clip"):
     if name == "textbook":
         return clip_loss_textbook
     if name == "open_clip":
-        spec = importlib.util.find_spec("open_clip")
-        if spec is None:
-            return None
-        module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.ClipLoss()
+        module = open_clip_loss_module()
+        return None if module is None else module.ClipLoss()
     if name == "siglip_kernel":
         return None  # a sigmoid loss only
     if name == "inf_cl":
@@ -94,12 +100,9 @@ def load_siglip_contender(name, device, dtype):
 
         return textbook
     if name == "open_clip":
-        spec = importlib.util.find_spec("open_clip")
-        if spec is None:
+        module = open_clip_loss_module()
+        if module is None:
             return None
-        module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
         siglip = module.SigLipLoss()
         return lambda image, text, scale: siglip(image, text, scale, bias)
     if name == "siglip_kernel":

@@ -17,7 +17,6 @@ Writes <out>.json, <out>.md (the README's table) and <out>.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,15 +28,6 @@ PEERS = {"siglip": "open_clip", "supcon": "materialized"}
 IMPLEMENTATIONS = ("peer", "flashcl")
 RESULTS = Path(__file__).resolve().parent / "results"
 VIEWS, CLASSES, TEMPERATURE = 2, 100, 0.1
-
-
-def open_clip_siglip():
-    """open_clip's loss.py on its own (the package import needs torchvision, loss.py does not)."""
-    path = Path(importlib.util.find_spec("open_clip").origin).parent / "loss.py"
-    spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SigLipLoss()
 
 
 def materialized_supcon(features, labels):
@@ -64,7 +54,9 @@ def worker(name: str, impl: str, batch: int, dim: int, device: str, repeats: int
     generator = torch.Generator(device=device).manual_seed(0)
     unit = lambda *shape: F.normalize(torch.randn(*shape, device=device, generator=generator), dim=-1)
     if name == "siglip":
-        peer = open_clip_siglip()
+        from bench_gpu import open_clip_loss_module
+
+        peer = open_clip_loss_module().SigLipLoss()
         loss_fn = peer if impl == "peer" else flashcl.siglip_loss
         log_scale = torch.tensor(2.3026, device=device, requires_grad=True)
         bias = torch.tensor(-10.0, device=device, requires_grad=True)

@@ -153,22 +153,28 @@ def test_float32_and_the_triton_interpreter():
 
 # -- open_clip's ClipLoss, world_size > 1 ----------------------------------------------------------------
 
+def equal_pair_shards(rank, world_size, seed, n=4):
+    """This rank's (image, text) of a float64 batch of paired unit rows in shards of n each (open_clip's
+    gathers and ring exchanges need equal shards)."""
+    g = torch.Generator().manual_seed(seed)
+    image = unit_rows(n * world_size, 8, g, torch.float64)
+    text = unit_rows(n * world_size, 8, g, torch.float64, like=image)
+    mine = slice(rank * n, (rank + 1) * n)
+    return image[mine], text[mine]
+
+
 def open_clip_parity(rank, world_size):
     from test_open_clip import load_open_clip_loss
 
     open_clip = load_open_clip_loss()
-    n = 4  # open_clip's gather needs equal shards
-    g = torch.Generator().manual_seed(3)
-    image = unit_rows(n * world_size, 8, g, torch.float64)
-    text = unit_rows(n * world_size, 8, g, torch.float64, like=image)
-    mine = slice(rank * n, (rank + 1) * n)
+    image, text = equal_pair_shards(rank, world_size, seed=3)
     outcomes = {}
     for local_loss in (False, True):
         for gather_with_grad in (False, True):
             for make in (open_clip.ClipLoss, flashcl.ClipLoss):
                 loss_fn = make(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
                                world_size=world_size)
-                x, y = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+                x, y = image.clone().requires_grad_(), text.clone().requires_grad_()
                 log_scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
                 loss = loss_fn(x, y, log_scale.exp())
                 outcomes[(make.__module__, local_loss, gather_with_grad)] = [
@@ -203,16 +209,12 @@ def open_clip_siglip_parity(rank, world_size):
     from test_open_clip import load_open_clip_loss
 
     open_clip = load_open_clip_loss()
-    n = 4  # open_clip's exchanges need equal shards
-    g = torch.Generator().manual_seed(4)
-    image = unit_rows(n * world_size, 8, g, torch.float64)
-    text = unit_rows(n * world_size, 8, g, torch.float64, like=image)
-    mine = slice(rank * n, (rank + 1) * n)
+    image, text = equal_pair_shards(rank, world_size, seed=4)
     outcomes = {}
     for dist_impl in ("bidir", "shift", "reduce", "gather"):
         for make in (open_clip.SigLipLoss, flashcl.SigLipLoss):
             loss_fn = make(rank=rank, world_size=world_size, dist_impl=dist_impl)
-            x, y = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+            x, y = image.clone().requires_grad_(), text.clone().requires_grad_()
             log_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
             bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
             loss = loss_fn(x, y, log_scale.exp(), bias)

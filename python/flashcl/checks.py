@@ -111,7 +111,7 @@ def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Ten
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")
-    return targets.long()
+    return targets
 
 
 def check_integers(name: str, values, n: int, like: Tensor, meaning: str, like_name: str) -> Tensor:
