@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.7.1
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := pyproject.toml setup.py $(shell find python -name "*.py")
+SOURCES := pyproject.toml setup.py $(shell find python triton_kernels csrc -type f -not -path "*/__pycache__/*")
 
 # The CUDA extension is compiled (not run) in CI against a CUDA build of torch: no GPU needed.
 CUDA_TORCH ?= torch==2.14.1

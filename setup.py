@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 from setuptools import setup
 
 PACKAGE_DIRS = {"flashcl": "python/flashcl", "flashcl.triton_kernels": "triton_kernels"}
-CUDA_SOURCES = ["csrc/ops.cpp", "csrc/lse_forward.cu", "csrc/exp_weighted_backward.cu"]
+CUDA_SOURCES = ["csrc/ops.cpp", "csrc/lse_forward.cu", "csrc/softplus_sums.cu", "csrc/weighted_products.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 

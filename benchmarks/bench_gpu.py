@@ -200,11 +200,11 @@ def triton_choices():
     """Per kernel: the config the autotuner chose for each key (D and dtypes), and the
     timings (median, 20th, 80th percentile ms) of every config at the last key it tuned."""
     try:
-        from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+        from flashcl.triton_kernels import lse_forward, softplus_sums, weighted_products
     except ImportError:
         return {}
-    tuned = {"lse_forward": lse_forward._lse_forward_tuned,
-             "exp_weighted_products": exp_weighted_backward._exp_weighted_matmul_tuned}
+    tuned = {"lse_forward": lse_forward._lse_forward_tuned, "softplus_sums": softplus_sums._softplus_sums_tuned,
+             "weighted_products": weighted_products._weighted_products_tuned}
     return {name: {"chosen": {str(key): str(config) for key, config in kernel.cache.items()}
                    or {"(one config)": str(kernel.configs[0])},
                    "last_timings_ms": {str(config): ms for config, ms in getattr(kernel, "configs_timings", {}).items()}}

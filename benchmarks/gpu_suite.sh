@@ -61,7 +61,7 @@ if [[ $phase == bench || $phase == all ]]; then
 fi
 if [[ $phase == profile || $phase == all ]]; then
     # A few launches of each kernel after warm-up and autotuning; the rest run unprofiled.
-    ncu --kernel-name regex:"lse_forward|exp_weighted" --launch-skip 200 --launch-count 6 \
+    ncu --kernel-name regex:"lse_forward|softplus_sums|weighted_products" --launch-skip 200 --launch-count 6 \
         --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
         -f -o /tmp/flashcl_kernels python3 benchmarks/bench_gpu.py --dims 768 --batch-sizes 16384 --extra \
         --contenders triton cuda --out /tmp/profiled > "$out/ncu.log" 2>&1

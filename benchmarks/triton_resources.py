@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kernels of this checkout
-from triton_kernels import exp_weighted_backward, lse_forward
+from triton_kernels import lse_forward, softplus_sums, weighted_products
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -76,18 +76,23 @@ def cases(dtype_name):
     cols_w, cols_off = torch.rand(m), torch.rand(m)
     targets, coeff = torch.arange(n) % m, -torch.ones(n)
     forward = lse_forward._lse_forward_kernel, lse_forward.lse_configs()
-    backward = exp_weighted_backward._exp_weighted_matmul_kernel, exp_weighted_backward.backward_configs()
+    sigmoid_forward = softplus_sums._softplus_sums_kernel, softplus_sums.softplus_configs()
+    backward = weighted_products._weighted_products_kernel, weighted_products.backward_configs()
 
     def with_precision(launch):
         args, kwargs = launch
         return args, {**kwargs, "PRECISION": precision}
 
-    def lse(diagonal, merge_columns, bias=None):
+    def lse(diagonal, merge_columns):
         return with_precision(recorded_launch(lse_forward, lambda: lse_forward.lse_forward(
-            x, y, scale, diagonal, merge_columns, bias=bias)))
+            x, y, scale, diagonal, merge_columns)))
+
+    def sums(diagonal):
+        return with_precision(recorded_launch(softplus_sums, lambda: softplus_sums.softplus_sums(
+            x, y, scale, torch.tensor([-10.0]), diagonal)))
 
     def products(row_term, col_term, positives_by, diagonal, sigmoid=False):
-        return with_precision(recorded_launch(exp_weighted_backward, lambda: exp_weighted_backward.exp_weighted_products(
+        return with_precision(recorded_launch(weighted_products, lambda: weighted_products.weighted_products(
             x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
             *((cols_w, cols_off) if col_term else (None, None)),
             *((targets, coeff) if positives_by else (None, None)),
@@ -95,13 +100,12 @@ def cases(dtype_name):
 
     yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
     yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
-    yield "exp_weighted", "both terms, positives by row (CLIP dx)", *backward, products(True, True, 1, False)
-    yield "exp_weighted", "row term only, positives by column", *backward, products(True, False, 2, False)
-    yield "exp_weighted", "both terms, diagonal excluded (NT-Xent)", *backward, products(True, True, 0, True)
-    yield ("lse_forward", "softplus and sigmoid sums (SigLIP)", lse_forward._lse_forward_kernel,
-           lse_forward.softplus_configs(), lse(False, False, torch.tensor([-10.0])))
-    yield "exp_weighted", "sigmoid row term, positives by row (SigLIP dx)", *backward, products(True, False, 1, False,
-                                                                                               True)
+    yield "weighted_products", "both terms, positives by row (CLIP dx)", *backward, products(True, True, 1, False)
+    yield "weighted_products", "row term only, positives by column", *backward, products(True, False, 2, False)
+    yield "weighted_products", "both terms, diagonal excluded (NT-Xent)", *backward, products(True, True, 0, True)
+    yield "softplus_sums", "softplus and sigmoid sums (SigLIP)", *sigmoid_forward, sums(False)
+    yield ("weighted_products", "sigmoid row term, positives by row (SigLIP dx)", *backward,
+           products(True, False, 1, False, True))
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -173,7 +177,7 @@ def main(argv=None):
                 if "error" in row:
                     print(f"FAILED {dtype_name} {kernel_name} [{flags}] {row['config']}: {row['error']}")
                 else:
-                    print(f"{dtype_name:9} {kernel_name:13} {row['config']:22} {row['mma']:8} "
+                    print(f"{dtype_name:9} {kernel_name:17} {row['config']:22} {row['mma']:8} "
                           f"regs {row['registers']:3}  spill {row['spill_stores']:4}/{row['spill_loads']:<4} "
                           f"smem {row['shared_bytes'] // 1024:3} KiB  [{flags}]", flush=True)
     if args.json:

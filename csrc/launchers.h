@@ -10,8 +10,9 @@ namespace flashcl {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
+// weighted_products' positives_by: the values of flashcl/backends/fused.py (tests/test_cuda_backend.py compares).
 constexpr int64_t kNoPositives = 0, kPositivesByRow = 1, kPositivesByColumn = 2;
-constexpr int64_t kColumnBlock = 64;  // the kernels' column tile; one lock per column block
+constexpr int64_t kColumnBlock = 64;  // the kernels' column tile (tile.cuh's kBlockC); one lock per column block
 
 struct LseForwardArgs {
   const void *a, *b;  // (n_rows, dim) and (n_cols, dim), any strides, the same dtype
@@ -22,10 +23,16 @@ struct LseForwardArgs {
   float *col_max, *col_sum;  // (n_cols,), -inf and 0; used when merge_columns
   int* locks;                // (ceil(n_cols / kColumnBlock),), zeroed; used when merge_columns
   bool exclude_diagonal, merge_columns;
-  // The sigmoid family: with a bias (device scalar), row_lse gets the row sums of softplus(S + bias)
-  // and row_slope (n_rows,) those of sigmoid(S + bias) instead (merge_columns is then false).
-  const float* bias;
-  float* row_slope;
+};
+
+// The sigmoid family's forward: the row sums of softplus(S + bias) and of sigmoid(S + bias).
+struct SoftplusSumsArgs {
+  const void *a, *b;  // as in LseForwardArgs
+  int64_t n_rows, n_cols, dim;
+  int64_t a_row_stride, a_col_stride, b_row_stride, b_col_stride;
+  const float *scale, *bias;          // device scalars
+  float *softplus_sums, *sigmoid_sums;  // (n_rows,) each
+  bool exclude_diagonal;
 };
 
 // G_rc = row_w_r f(S_rc - row_off_r) + col_w_c f(S_rc - col_off_c) + positives, f = exp or (sigmoid)
@@ -50,6 +57,7 @@ struct ProductArgs {
 };
 
 cudaError_t launch_lse_forward(const LseForwardArgs& args, DType dtype, cudaStream_t stream);
-cudaError_t launch_exp_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t launch_softplus_sums(const SoftplusSumsArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t launch_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream);
 
 }  // namespace flashcl

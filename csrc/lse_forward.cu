@@ -7,9 +7,6 @@
 // spin lock, visiting column blocks in an order staggered by block index so blocks
 // rarely wait on each other. The merge order varies run to run; the deterministic path
 // launches this kernel on (b, a) instead, whose rows are the columns.
-//
-// With a bias (the sigmoid family, SigLIP) the same sweep sums softplus(S + bias) and
-// sigmoid(S + bias) over each row instead: plain sums, no running max.
 #include "tile.cuh"
 
 namespace flashcl {
@@ -27,17 +24,14 @@ __device__ __forceinline__ void merge(float& max, float& sum, float other_max, f
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_forward_kernel(Matrix<T> a, Matrix<T> b, int64_t dim, const float* scale_ptr, float* row_lse,
-                       float* col_max, float* col_sum, int* locks, bool exclude_diagonal, bool merge_columns,
-                       const float* bias_ptr, float* row_slope) {
+                       float* col_max, float* col_sum, int* locks, bool exclude_diagonal, bool merge_columns) {
   __shared__ TileBuffers<T> tile;
   const float scale = *scale_ptr;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockR;
   const int lane_row = threadIdx.x / 2, half = threadIdx.x % 2;  // row (or column) and which half
   const int64_t row = row0 + lane_row;
   const int64_t n_col_blocks = (b.rows + kBlockC - 1) / kBlockC;
-  float row_max = -INFINITY, row_sum = 0.0f, slope_sum = 0.0f;
-  const bool softplus = bias_ptr != nullptr;
-  const float bias = softplus ? *bias_ptr : 0.0f;
+  float row_max = -INFINITY, row_sum = 0.0f;
 
   for (int64_t step = 0; step < n_col_blocks; ++step) {
     const int64_t col_block = merge_columns ? (step + blockIdx.x) % n_col_blocks : step;
@@ -51,23 +45,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    if (softplus) {  // excluded entries are -inf: softplus and sigmoid of -inf are 0
-      float tile_sum = 0.0f, tile_slope = 0.0f;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const float z = tile.s[lane_row][c] + bias;
-        tile_sum += stable_softplus(z);
-        tile_slope += stable_sigmoid(z);
-      }
-      row_sum += tile_sum + __shfl_xor_sync(0xffffffff, tile_sum, 1);
-      slope_sum += tile_slope + __shfl_xor_sync(0xffffffff, tile_slope, 1);
-    } else {
-      float tile_max = -INFINITY, tile_sum = 0.0f;
-      for (int c = half * 32; c < half * 32 + 32; ++c) tile_max = fmaxf(tile_max, tile.s[lane_row][c]);
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-      for (int c = half * 32; c < half * 32 + 32; ++c) tile_sum += __expf(tile.s[lane_row][c] - safe(tile_max));
-      tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, 1);
-      merge(row_max, row_sum, tile_max, tile_sum);
-    }
+    float tile_max = -INFINITY, tile_sum = 0.0f;
+    for (int c = half * 32; c < half * 32 + 32; ++c) tile_max = fmaxf(tile_max, tile.s[lane_row][c]);
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    for (int c = half * 32; c < half * 32 + 32; ++c) tile_sum += __expf(tile.s[lane_row][c] - safe(tile_max));
+    tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, 1);
+    merge(row_max, row_sum, tile_max, tile_sum);
 
     if (merge_columns) {
       const int c = lane_row;  // the same pairing, down the columns
@@ -95,10 +78,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // the next tile overwrites tile.s
   }
-  if (half == 0 && row < a.rows) {
-    row_lse[row] = softplus ? row_sum : row_max + logf(row_sum);
-    if (softplus) row_slope[row] = slope_sum;
-  }
+  if (half == 0 && row < a.rows) row_lse[row] = row_max + logf(row_sum);
 }
 
 template <typename T>
@@ -108,7 +88,7 @@ cudaError_t launch(const LseForwardArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((args.n_rows + kBlockR - 1) / kBlockR));
   lse_forward_kernel<T><<<grid, kThreads, 0, stream>>>(a, b, args.dim, args.scale, args.row_lse, args.col_max,
                                                         args.col_sum, args.locks, args.exclude_diagonal,
-                                                        args.merge_columns, args.bias, args.row_slope);
+                                                        args.merge_columns);
   return cudaGetLastError();
 }
 

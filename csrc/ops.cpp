@@ -1,4 +1,4 @@
-// The CUDA backend's operators, torch.ops.flashcl.lse_forward and exp_weighted_products: argument
+// The CUDA backend's operators, torch.ops.flashcl.lse_forward, softplus_sums and weighted_products: argument
 // checks (a bad argument is a Python exception here, never a device-side assert), dtype
 // dispatch and registration. Their fake (meta) implementations live in flashcl/backends/cuda.py.
 #include <ATen/ATen.h>
@@ -59,22 +59,12 @@ void check_launch(cudaError_t error, const char* kernel) {
 // Row LSE of S = scale * a b^T; with merge_columns also the column LSE from the same pass.
 // exclude_diagonal leaves out the entries (i, i), i < min(rows, columns): a distributed rank's
 // anchors against every rank's candidates, its own first, is a rectangle with that diagonal.
-// With a bias (the sigmoid family): the row sums of softplus(S + bias) and of sigmoid(S + bias) instead.
 std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                                               bool exclude_diagonal, bool merge_columns,
-                                               const std::optional<at::Tensor>& bias) {
+                                               bool exclude_diagonal, bool merge_columns) {
   check_pair(a, b, scale);
-  const bool softplus = bias.has_value();
-  if (softplus) {
-    TORCH_CHECK(bias->numel() == 1 && bias->scalar_type() == at::kFloat && bias->device() == a.device() &&
-                    bias->is_contiguous(),
-                "bias must be a one-element float32 tensor on ", a.device());
-    merge_columns = false;
-  }
   const c10::cuda::CUDAGuard guard(a.device());
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor row_lse = at::empty({a.size(0)}, f32);
-  at::Tensor row_slope = softplus ? at::empty({a.size(0)}, f32) : at::Tensor();
   at::Tensor col_max, col_sum, locks;
   if (merge_columns) {
     // -inf, "nothing yet": a zero would cap every column's running max at >= 0, and a column
@@ -87,14 +77,29 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& a, const at::Te
                       b.stride(0), b.stride(1), scale.data_ptr<float>(), row_lse.data_ptr<float>(),
                       merge_columns ? col_max.data_ptr<float>() : nullptr,
                       merge_columns ? col_sum.data_ptr<float>() : nullptr,
-                      merge_columns ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge_columns,
-                      softplus ? bias->data_ptr<float>() : nullptr, softplus ? row_slope.data_ptr<float>() : nullptr};
+                      merge_columns ? locks.data_ptr<int>() : nullptr, exclude_diagonal, merge_columns};
   check_launch(launch_lse_forward(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "lse_forward");
-  if (softplus) return {row_lse, row_slope};
   return {row_lse, merge_columns ? at::log(col_sum).add_(col_max) : at::empty({0}, f32)};
 }
 
-at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+// The sigmoid family's forward: the row sums of softplus(S + bias) and of sigmoid(S + bias).
+std::tuple<at::Tensor, at::Tensor> softplus_sums(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                                 const at::Tensor& bias, bool exclude_diagonal) {
+  check_pair(a, b, scale);
+  TORCH_CHECK(bias.numel() == 1 && bias.scalar_type() == at::kFloat && bias.device() == a.device() &&
+                  bias.is_contiguous(),
+              "bias must be a one-element float32 tensor on ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor softplus = at::empty({a.size(0)}, f32), sigmoid = at::empty({a.size(0)}, f32);
+  SoftplusSumsArgs args{a.data_ptr(), b.data_ptr(), a.size(0), b.size(0), a.size(1), a.stride(0), a.stride(1),
+                        b.stride(0), b.stride(1), scale.data_ptr<float>(), bias.data_ptr<float>(),
+                        softplus.data_ptr<float>(), sigmoid.data_ptr<float>(), exclude_diagonal};
+  check_launch(launch_softplus_sums(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "softplus_sums");
+  return {softplus, sigmoid};
+}
+
+at::Tensor weighted_products(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                  const std::optional<at::Tensor>& row_w, const std::optional<at::Tensor>& row_off,
                                  const std::optional<at::Tensor>& col_w, const std::optional<at::Tensor>& col_off,
                                  const std::optional<at::Tensor>& pos_index,
@@ -123,24 +128,24 @@ at::Tensor exp_weighted_products(const at::Tensor& a, const at::Tensor& b, const
   at::Tensor out = at::zeros({row_end - row_start, a.size(1)}, a.options().dtype(at::kFloat));
   ProductArgs args{a.data_ptr(), b.data_ptr(), n, m, a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                    terms, out.data_ptr<float>(), row_start, row_end};
-  check_launch(launch_exp_weighted_products(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()),
-               "exp_weighted_products");
+  check_launch(launch_weighted_products(args, dtype_of(a), c10::cuda::getCurrentCUDAStream()), "weighted_products");
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(flashcl, m) {
-  m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns, "
-        "Tensor? bias=None) -> (Tensor, Tensor)");
-  m.def("exp_weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
+  m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns) -> (Tensor, Tensor)");
+  m.def("softplus_sums(Tensor a, Tensor b, Tensor scale, Tensor bias, bool exclude_diagonal) -> (Tensor, Tensor)");
+  m.def("weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
         "Tensor? col_w, Tensor? col_off, Tensor? pos_index, Tensor? pos_coeff, int positives_by, "
         "bool exclude_diagonal, int row_start, int row_end, bool sigmoid=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashcl, CUDA, m) {
   m.impl("lse_forward", &lse_forward);
-  m.impl("exp_weighted_products", &exp_weighted_products);
+  m.impl("softplus_sums", &softplus_sums);
+  m.impl("weighted_products", &weighted_products);
 }
 
 }  // namespace flashcl

@@ -29,6 +29,7 @@ constexpr int kBlockC = 64;
 constexpr int kBlockD = 32;
 constexpr int kPadT = 8;   // keeps WMMA leading dimensions multiples of 8 elements
 constexpr int kPadF = 4;   // and of 4 for fp32
+static_assert(kBlockC == kColumnBlock, "the forward's column locks (launchers.h) cover one column tile each");
 
 template <typename T>
 constexpr bool kTensorCores = !std::is_same<T, float>::value;

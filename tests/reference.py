@@ -37,15 +37,19 @@ def lse(x, y, scale, exclude_diagonal=False):
     return s.logsumexp(1), s.logsumexp(0)
 
 
-def exp_weights(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exclude_diagonal=False):
-    """The materialized G of primitive 2, in float64."""
+WEIGHT_FUNCTIONS = {"exp": torch.exp, "sigmoid": torch.sigmoid}
+
+
+def weights(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exclude_diagonal=False, function="exp"):
+    """The materialized G of primitive 2, in float64: a_i f(S_ij - o_i) + b_j f(S_ij - p_j) + the positives."""
     x, y, scale = x.double(), y.double(), scale.double()
+    f = WEIGHT_FUNCTIONS[function]
     s = logits(x, y, scale)
     g = torch.zeros_like(s)
     if a is not None:
-        g += a.double()[:, None] * torch.exp(s - o.double()[:, None])
+        g += a.double()[:, None] * f(s - o.double()[:, None])
     if b is not None:
-        g += b.double()[None, :] * torch.exp(s - p.double()[None, :])
+        g += b.double()[None, :] * f(s - p.double()[None, :])
     if exclude_diagonal:
         g.fill_diagonal_(0)
     if positives is not None:
@@ -54,11 +58,18 @@ def exp_weights(x, y, scale, a=None, o=None, b=None, p=None, positives=None, exc
     return g
 
 
-def exp_weighted_grad(x, y, scale, **terms):
+def weighted_grad(x, y, scale, **terms):
     """dx, dy, ds of primitive 2 from the materialized G."""
     x, y, scale = x.double(), y.double(), scale.double()
-    g = exp_weights(x, y, scale, **terms)
+    g = weights(x, y, scale, **terms)
     return scale * g @ y, scale * g.T @ x, (g * (x @ y.T)).sum()
+
+
+def softplus_sums(x, y, scale, bias, exclude_diagonal=False):
+    """Primitive 1': the row sums of softplus(S + bias) and of sigmoid(S + bias), materialized."""
+    z = logits(x.double(), y.double(), scale.double()) + bias
+    keep = ~torch.eye(*z.shape, dtype=torch.bool, device=z.device) if exclude_diagonal else torch.ones_like(z, dtype=torch.bool)
+    return ((F.softplus(z, threshold=1000) * keep).sum(1), (torch.sigmoid(z) * keep).sum(1))
 
 
 def squared_distances(a, b):

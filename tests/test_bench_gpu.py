@@ -28,7 +28,7 @@ def test_bench_gpu_smoke(tmp_path):
     # Both compute the same loss on the same data.
     assert abs(points["triton"]["loss"] - points["textbook"]["loss"]) < 1e-4 * abs(points["textbook"]["loss"])
     assert points["cuda"] == {**points["cuda"], "error": "not available"}  # no extension on this machine
-    assert set(result["machine"]["triton_configs"]) == {"lse_forward", "exp_weighted_products"}
+    assert set(result["machine"]["triton_configs"]) == {"lse_forward", "softplus_sums", "weighted_products"}
     assert "| 48 | 32 | triton |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
 

@@ -186,10 +186,11 @@ def test_the_module_form(towers_and_scale):
     (lambda t: flashcl.cached_loss(lambda a: a.sum(), torch.randn(4, 10), chunk_size=2), TypeError,
      r"towers\[0\] must be an \(encoder, inputs\) pair with a callable encoder, got Tensor"),
     (lambda t: flashcl.cached_loss(lambda a: a.sum(), (t, [1, 2]), chunk_size=2), TypeError,
-     r"towers\[0\]: inputs must be a tensor or a dict of tensors \(e.g. tokenized text\), got list"),
+     r"towers\[0\]: inputs must be a tensor or a mapping of tensors \(e.g. tokenized text: a dict or a "
+         r"BatchEncoding\), got list"),
     (lambda t: flashcl.cached_loss(lambda a: a.sum(), (t, {"values": torch.randn(4, 10), "weights": torch.rand(3)}),
                                    chunk_size=2), ValueError,
-     r"towers\[0\]: the tensors of a dict of inputs must share their first \(batch\) dimension, got \[3, 4\]"),
+     r"towers\[0\]: the tensors of a mapping of inputs must share their first \(batch\) dimension, got \[3, 4\]"),
     (lambda t: flashcl.cached_loss(lambda a: a, (t, torch.randn(4, 10)), chunk_size=2), ValueError,
      r"loss_fn must return a scalar tensor"),
 ])

@@ -74,7 +74,7 @@ def test_deterministic_mode_is_bit_identical_and_agrees(backend, generator):
     for got in (first, merged.lse(x, y, s, rows=True, cols=True)):
         assert_close(got[0], want[0], torch.float32, "rows", magnitude=20.0)
         assert_close(got[1], want[1], torch.float32, "cols", magnitude=20.0)
-    grads = [deterministic.exp_weighted_grad(x, y, s, a=torch.ones(70, device=DEVICE), o=want[0], b=torch.ones(50, device=DEVICE), p=want[1],
+    grads = [deterministic.weighted_grad(x, y, s, a=torch.ones(70, device=DEVICE), o=want[0], b=torch.ones(50, device=DEVICE), p=want[1],
                                              need_ds=True) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
@@ -99,8 +99,8 @@ def test_large_chunked_backward_matches(backend, generator, monkeypatch):
     rows, cols = reference.lse(x.double(), y.double(), s.double())
     a, b = torch.randn(300, generator=generator, device=DEVICE), torch.randn(290, generator=generator, device=DEVICE)
     terms = dict(a=a, o=rows.float(), b=b, p=cols.float())
-    got = resolve_backend(backend, x).exp_weighted_grad(x, y, s, **terms, need_ds=True)
-    want = reference.exp_weighted_grad(x, y, s, **terms)
+    got = resolve_backend(backend, x).weighted_grad(x, y, s, **terms, need_ds=True)
+    want = reference.weighted_grad(x, y, s, **terms)
     for name, g, w in zip(("dx", "dy", "ds"), got, want):
         assert_close(g, w, torch.float32, name, magnitude=10 * float(a.abs().max() + b.abs().max()))
 
@@ -116,14 +116,16 @@ def test_chunks_fill_whole_waves_within_the_scratch_budget():
 
 @pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
 def test_triton_kernels_refuse_row_counts_past_32_bits():
-    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+    from flashcl.triton_kernels import lse_forward, softplus_sums, weighted_products
 
     huge = torch.zeros(1, 4, device=DEVICE).expand(2**31, 4)  # no memory behind the rows
     small, scale = torch.zeros(3, 4, device=DEVICE), torch.tensor(1.0, device=DEVICE)
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
         lse_forward.lse_forward(small, huge, scale, False, True)
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
-        exp_weighted_backward.exp_weighted_products(huge, small, scale, *[None] * 6, 0, False, 0, 3)
+        weighted_products.weighted_products(huge, small, scale, *[None] * 6, 0, False, 0, 3)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+        softplus_sums.softplus_sums(small, huge, scale, scale.reshape(1), False)
 
 
 @pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
@@ -231,18 +233,21 @@ def test_deterministic_backend_pins_the_config():
     for deterministic in (True, False):
         kernels = triton_backend.make(deterministic=deterministic)
         assert kernels.deterministic is deterministic
-        assert kernels._lse_forward.keywords == kernels._products.keywords == dict(fixed_config=deterministic)
+        assert kernels._lse_forward.keywords == kernels._products.keywords == kernels._softplus_sums.keywords \
+            == dict(fixed_config=deterministic)
 
 
 @requires_triton
 def test_autotuning_keys_on_problem_size_and_kernel_flags():
     """A choice tuned at N = 4096 must not be reused at 65536, nor one for the merged forward
     for the rows-only one; a ragged batch shares its power-of-two bucket's choice."""
-    from flashcl.triton_kernels import _config, exp_weighted_backward, lse_forward
+    from flashcl.triton_kernels import _config, lse_forward, softplus_sums, weighted_products
 
     assert set(lse_forward._lse_forward_tuned.keys) >= {"dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL",
                                                         "MERGE_COLUMNS", "PRECISION"}
-    assert set(exp_weighted_backward._exp_weighted_matmul_tuned.keys) >= {
+    assert set(softplus_sums._softplus_sums_tuned.keys) >= {"dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL",
+                                                            "PRECISION"}
+    assert set(weighted_products._weighted_products_tuned.keys) >= {
         "dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
         "PRECISION"}
     assert [_config.size_bucket(n) for n in (1, 4000, 4096, 4097, 65536)] == [1, 4096, 4096, 8192, 65536]
@@ -254,14 +259,14 @@ def test_autotuned_kernels_match(dtype, generator):
     """The autotuner times every config on the real buffers, zeroing the column statistics, locks
     and accumulators between runs (reset_to_zero): the first call, which tunes, and the next,
     which reuses the choice, both give the exact loss and gradients."""
-    from flashcl.triton_kernels import exp_weighted_backward, lse_forward
+    from flashcl.triton_kernels import lse_forward, weighted_products
 
     image = unit_rows(3000, 256, generator)
     text = unit_rows(3000, 256, generator, like=image)
     for _ in range(2):
         check_against_reference(flashcl.clip_loss, reference.clip, [image, text], 30.0, dtype, "mean",
                                 backend="triton")
-    assert lse_forward._lse_forward_tuned.cache and exp_weighted_backward._exp_weighted_matmul_tuned.cache
+    assert lse_forward._lse_forward_tuned.cache and weighted_products._weighted_products_tuned.cache
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

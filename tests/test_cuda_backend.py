@@ -119,8 +119,11 @@ def test_operators_registered():
     assert "cuda" in flashcl.available_backends("cuda", torch.bfloat16)
     schema = str(torch.ops.flashcl.lse_forward.default._schema)
     assert schema == ("flashcl::lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, "
-                      "bool merge_columns, Tensor? bias=None) -> (Tensor, Tensor)")
-    products = str(torch.ops.flashcl.exp_weighted_products.default._schema)
+                      "bool merge_columns) -> (Tensor, Tensor)")
+    sums = str(torch.ops.flashcl.softplus_sums.default._schema)
+    assert sums == ("flashcl::softplus_sums(Tensor a, Tensor b, Tensor scale, Tensor bias, bool exclude_diagonal) "
+                    "-> (Tensor, Tensor)")
+    products = str(torch.ops.flashcl.weighted_products.default._schema)
     assert "Tensor? pos_index" in products and "bool sigmoid=False" in products
     assert cuda_backend.make().functions == ("exp", "sigmoid")
 
@@ -146,12 +149,12 @@ def test_fake_implementations_give_the_shapes(dtype):
         assert (rows.shape, cols.shape, rows.dtype, rows.device.type) == ((10,), (0,), torch.float32, "cuda")
         rows, cols = torch.ops.flashcl.lse_forward(x, y, s, False, True)
         assert (rows.shape, cols.shape, cols.dtype) == ((10,), (7,), torch.float32)
-        out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 2, 9)
+        out = torch.ops.flashcl.weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 2, 9)
         assert (out.shape, out.dtype) == ((7, 8), torch.float32)
-        sums, slopes = torch.ops.flashcl.lse_forward(x, y, s, False, False, bias=s.reshape(1))  # the sigmoid family
+        sums, slopes = torch.ops.flashcl.softplus_sums(x, y, s, s.reshape(1), False)  # the sigmoid family
         assert (sums.shape, slopes.shape, slopes.dtype) == ((10,), (10,), torch.float32)
-        out = torch.ops.flashcl.exp_weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 0, 10,
-                                                      sigmoid=True)
+        out = torch.ops.flashcl.weighted_products(x, y, s, None, None, None, None, None, None, 0, False, 0, 10,
+                                                  sigmoid=True)
         assert out.shape == (10, 8)
 
 
@@ -159,14 +162,14 @@ def test_fake_implementations_give_the_shapes(dtype):
 @pytest.mark.parametrize("call,message", [
     (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s.double(), False, False),
      "scale must be a float32 scalar"),
-    (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, None, None, None, None, None, None, 0, False, 4, 9),
+    (lambda x, s: torch.ops.flashcl.weighted_products(x, x, s, None, None, None, None, None, None, 0, False, 4, 9),
      r"rows \[4, 9\) must lie in \[0, 5\)"),
-    (lambda x, s: torch.ops.flashcl.exp_weighted_products(x, x, s, torch.ones(4, device="cuda"), torch.ones(4, device="cuda"),
-                                                          None, None, None, None, 0, False, 0, 5),
+    (lambda x, s: torch.ops.flashcl.weighted_products(x, x, s, torch.ones(4, device="cuda"), torch.ones(4, device="cuda"),
+                                                      None, None, None, None, 0, False, 0, 5),
      r"row_w must have shape \(5,\), got \[4\]"),
     (lambda x, s: torch.ops.flashcl.lse_forward(x.double(), x.double(), s, False, False),
      "float16, bfloat16 or float32 features"),
-    (lambda x, s: torch.ops.flashcl.lse_forward(x, x, s, False, False, bias=s.double().reshape(1)),
+    (lambda x, s: torch.ops.flashcl.softplus_sums(x, x, s, s.double().reshape(1), False),
      "bias must be a one-element float32 tensor"),
 ])
 def test_kernel_arguments_are_checked(call, message):

@@ -304,7 +304,7 @@ def test_a_fully_non_finite_batch_writes_nothing(generator):
 
 
 @pytest.mark.parametrize("index,error,message", [
-    (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"index must be an integer tensor of shape \(3,\) of dataset indices, got torch.float32"),
+    (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"index must be an integer tensor \(e.g. torch.long\), got torch.float32"),
     ([0, 1, 2], TypeError, r"index must be an integer tensor .* got list"),
     (torch.tensor([0, 1]), ValueError, r"index must have shape \(3,\) \(one dataset index per row\), got \(2,\)"),
     (torch.tensor([0, 1, 6]), ValueError, r"index must lie in \[0, 5\] \(num_samples=6\), got values in \[0, 6\]"),
@@ -321,9 +321,9 @@ def test_bad_index_is_an_error_before_any_update(index, error, message, generato
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_samples=0), r"num_samples must be a positive int, got 0"),
     (dict(num_samples=10.0), r"num_samples must be a positive int, got 10.0"),
-    (dict(num_samples=10, shape=0), r"shape must be a float > 0 or float\('inf'\), got 0"),
-    (dict(num_samples=10, momentum=0.0), r"momentum must lie in \(0, 1\], got 0.0"),
-    (dict(num_samples=10, momentum=1.5), r"momentum must lie in \(0, 1\], got 1.5"),
+    (dict(num_samples=10, shape=0), r"shape must be a number > 0 or float\('inf'\), got 0"),
+    (dict(num_samples=10, momentum=0.0), r"momentum must be a number in \(0, 1\], got 0.0"),
+    (dict(num_samples=10, momentum=1.5), r"momentum must be a number in \(0, 1\], got 1.5"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -82,8 +82,8 @@ def test_exp_weighted_grad(backend, n, m, d, dtype, tiles, generator):
         impl = resolve_backend(backend, x)
     for terms in (dict(a=a, o=o), dict(b=b, p=p), dict(a=a, o=o, b=b, p=p, positives=positives),
                   dict(positives=positives)):
-        ref = reference.exp_weighted_grad(x, y, s, **terms)
-        dx, dy, ds = impl.exp_weighted_grad(x, y, s, **terms, exclude_diagonal=False,
+        ref = reference.weighted_grad(x, y, s, **terms)
+        dx, dy, ds = impl.weighted_grad(x, y, s, **terms, exclude_diagonal=False,
                                             need_dx=True, need_dy=True, need_ds=True)
         assert dx.dtype == x.dtype and dy.dtype == y.dtype and ds.dtype == s.dtype
         # Offsets sit up to 3 below the LSE, so the weights may reach e^3 times |a|.
@@ -103,8 +103,8 @@ def test_exp_weighted_grad_excluding_diagonal(backend, dtype, n, m, tiles, gener
     a, o, b, p, positives = grad_inputs(n, m, torch.float32, x, y, s, generator, exclude_diagonal=True)
     with flashcl.tiling(**tiles):
         impl = resolve_backend(backend, x)
-    ref = reference.exp_weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True)
-    got = impl.exp_weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True,
+    ref = reference.weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True)
+    got = impl.weighted_grad(x, y, s, a=a, o=o, b=b, p=p, positives=positives, exclude_diagonal=True,
                                  need_dx=True, need_dy=True, need_ds=True)
     for name, g, r in zip(("dx", "dy", "ds"), got, ref):
         assert_close(g, r, torch.float32, name, magnitude=1e3)
@@ -115,9 +115,9 @@ def test_exp_weighted_grad_skips_what_is_not_needed(backend, generator):
     x, y, s = inputs(20, 30, 8, torch.float32, generator)
     a, o, *_ = grad_inputs(20, 30, torch.float32, x, y, s, generator)
     impl = resolve_backend(backend, x)
-    full = impl.exp_weighted_grad(x, y, s, a=a, o=o, need_dx=True, need_dy=True, need_ds=True)
+    full = impl.weighted_grad(x, y, s, a=a, o=o, need_dx=True, need_dy=True, need_ds=True)
     for need in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
-        got = impl.exp_weighted_grad(x, y, s, a=a, o=o, need_dx=need[0], need_dy=need[1], need_ds=need[2])
+        got = impl.weighted_grad(x, y, s, a=a, o=o, need_dx=need[0], need_dy=need[1], need_ds=need[2])
         for wanted, g, f in zip(need, got, full):
             assert (g is None) != wanted
             if wanted:
@@ -151,7 +151,7 @@ def test_tiling_scope_is_captured_by_forward(generator):
     x.requires_grad_()
     with flashcl.tiling(block_rows=16, block_cols=16):
         loss = flashcl.clip_loss(x, y, 5.0)
-    assert loss.grad_fn.backend.tiles == Tiling(16, 16)
+    assert loss.grad_fn.plan.backend.tiles == Tiling(16, 16)
     loss.backward()
 
 
@@ -214,9 +214,9 @@ def test_exp_weighted_grad_with_unbounded_weights(backend, dtype, tiles, generat
     terms = dict(a=a.float(), o=o.float(), b=b.float(), p=cols.float(), positives=(targets, c.float()))
     with flashcl.tiling(**tiles):
         impl = resolve_backend(backend, x)
-    dx, dy, ds = impl.exp_weighted_grad(x, y, s, **terms, need_dx=True, need_dy=True, need_ds=True)
-    g = reference.exp_weights(x, y, s, **terms).abs()
-    ref = reference.exp_weighted_grad(x, y, s, **terms)
+    dx, dy, ds = impl.weighted_grad(x, y, s, **terms, need_dx=True, need_dy=True, need_ds=True)
+    g = reference.weights(x, y, s, **terms).abs()
+    ref = reference.weighted_grad(x, y, s, **terms)
     assert g.amax(1).max() > 1e6 * a.abs().max() and g.amax(1).max() > 1e6 * g.amax(1).min()
     assert_rows_close(dx, ref[0], float(s) * g.sum(1), dtype, "dx")
     assert_rows_close(dy, ref[1], float(s) * g.sum(0), dtype, "dy")

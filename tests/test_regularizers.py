@@ -256,7 +256,7 @@ def features(n=4, d=3, **kwargs):
      r"geometric must be a finite number >= 0, got -0.1"),
     (lambda: flashcl.ModalityStructureLoss(bridge=float("nan")), ValueError, r"bridge must be a finite number >= 0"),
     (lambda: flashcl.ModalityStructureLoss(separation="1"), ValueError, r"separation must be a finite number >= 0"),
-    (lambda: flashcl.ModalityStructureLoss(bridge_t=1.0), ValueError, r"bridge_t must be a number in \(0, 1\), got 1.0"),
+    (lambda: flashcl.ModalityStructureLoss(bridge_t=1.0), ValueError, r"bridge_t must be a number in \(0, 1\), the bridge time of the augmented image, got 1.0"),
     (lambda: flashcl.ModalityStructureLoss(bridge=1.0)(features(), features(), 2.0), ValueError,
      r"image_aug is needed for the Brownian bridge term \(bridge=1.0\)"),
     (lambda: flashcl.ModalityStructureLoss(separation=1.0)(features(), features(), 2.0), ValueError,

@@ -178,8 +178,8 @@ def test_offsets_past_2_to_the_31(backend):
         torch.testing.assert_close(cols.double(), want_cols, rtol=2e-2, atol=2e-2 * 4)
         a = torch.ones(x.shape[0], device=DEVICE)
         b = torch.ones(y.shape[0], device=DEVICE)
-        want = reference.exp_weighted_grad(x, y, scale, a=a, o=want_rows.float(), b=b, p=want_cols.float())
-        got = impl.exp_weighted_grad(x, y, scale, a=a, o=want_rows.float(), b=b, p=want_cols.float(),
+        want = reference.weighted_grad(x, y, scale, a=a, o=want_rows.float(), b=b, p=want_cols.float())
+        got = impl.weighted_grad(x, y, scale, a=a, o=want_rows.float(), b=b, p=want_cols.float(),
                                      need_dx=True, need_dy=True, need_ds=True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2 * 8 * max(1.0, math.sqrt(y.shape[0])))

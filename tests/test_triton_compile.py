@@ -66,7 +66,7 @@ def test_column_lock_is_released_after_every_warps_stores(rows):
 def test_backward_orders_its_accumulator_between_column_blocks(rows):
     """Each column block reads back the fp32 rows the previous one stored, possibly from other
     threads: the kernel's explicit barrier must survive compilation."""
-    backward = [r for r in rows if r["kernel"] == "exp_weighted"]
+    backward = [r for r in rows if r["kernel"] == "weighted_products"]
     assert backward and all(r["source_barriers"] >= 1 for r in backward)
 
 

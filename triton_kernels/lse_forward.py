@@ -1,8 +1,5 @@
 """Primitive 1 in Triton: row (and column) log-sum-exp of S = s * a @ b.T, S never stored.
 
-With SOFTPLUS (the sigmoid family, SigLIP) the same loop sums softplus(S + bias) and its
-derivative sigmoid(S + bias) over each row instead: plain sums, no running max needed.
-
 One program owns BLOCK_R rows of S and sweeps all columns, keeping an online (running
 max, rescaled sum) row LSE in registers. With MERGE_COLUMNS it also folds each tile's
 column (max, sum) into shared per-column buffers, so both directions cost one product:
@@ -15,59 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, softplus_configs,
-                      upcast)
-
-
-@triton.jit
-def scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
-                      stride_bc, stride_bd, scale,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """s * a[rows] @ b[cols].T as a (BLOCK_R, BLOCK_C) fp32 tile, accumulated over D in BLOCK_D steps."""
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_ar + ds[None, :] * stride_ad,
-                    mask=(rows[:, None] < n_rows) & (ds[None, :] < dim), other=0.0)
-        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
-                    mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0)
-        if UPCAST:  # bf16 in the interpreter, whose tl.dot multiplies raw bit patterns
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    return acc * scale
-
-
-@triton.jit
-def exp_neg_abs_and_sigmoid(z):
-    """(e^-|z|, sigmoid(z)), never overflowing: sigmoid(z) = 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below."""
-    e = tl.exp(-tl.abs(z))
-    return e, tl.where(z >= 0, 1.0, e) / (1.0 + e)
-
-
-@triton.jit
-def log1p_small(u):
-    """log(1 + u) for u in [0, 1] to full precision: log(1 + u) * u / ((1 + u) - 1) cancels the
-    rounding of 1 + u (Goldberg's trick), so softplus of a very negative z stays e^z, not 0."""
-    w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
-
-
-@triton.jit
-def weight_function(z, SIGMOID: tl.constexpr):
-    """The f of G = a f(S - o) + b f(S - p): exp (softmax losses) or sigmoid (SigLIP)."""
-    if SIGMOID:
-        return exp_neg_abs_and_sigmoid(z)[1]
-    else:
-        return tl.exp(z)
+from ._config import MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, upcast
+from ._tiles import scaled_logit_tile
 
 
 @triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
-def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, row_slope_ptr, col_max_ptr, col_sum_ptr,
-                        lock_ptr, n_rows, n_cols, dim, stride_ar, stride_ad, stride_bc, stride_bd,
+def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr, lock_ptr,
+                        n_rows, n_cols, dim, stride_ar, stride_ad, stride_bc, stride_bd,
                         rows_bucket, cols_bucket,  # autotuning keys only
-                        EXCLUDE_DIAGONAL: tl.constexpr, MERGE_COLUMNS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        EXCLUDE_DIAGONAL: tl.constexpr, MERGE_COLUMNS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -76,9 +29,6 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, row_slop
     scale = tl.load(scale_ptr)
     row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if SOFTPLUS:
-        bias = tl.load(bias_ptr)
-        row_slope = tl.zeros((BLOCK_R,), dtype=tl.float32)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_C)
     for step in range(0, n_col_blocks):
         col_block = step
@@ -91,18 +41,12 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, row_slop
         keep = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
-        if SOFTPLUS:
-            z = s + bias
-            e, sigmoid = exp_neg_abs_and_sigmoid(z)
-            row_sum += tl.sum(tl.where(keep, tl.maximum(z, 0.0) + log1p_small(e), 0.0), axis=1)
-            row_slope += tl.sum(tl.where(keep, sigmoid, 0.0), axis=1)
-        else:
-            s = tl.where(keep, s, float("-inf"))
-            # Online row LSE; a row whose entries so far are all excluded keeps max -inf, sum 0.
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(s - safe_max[:, None]), axis=1)
-            row_max = new_max
+        s = tl.where(keep, s, float("-inf"))
+        # Online row LSE; a row whose entries so far are all excluded keeps max -inf, sum 0.
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(s - safe_max[:, None]), axis=1)
+        row_max = new_max
 
         if MERGE_COLUMNS:
             tile_max = tl.max(s, axis=0)
@@ -125,30 +69,22 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, row_slop
             tl.debug_barrier()
             tl.atomic_xchg(lock, 0)
 
-    if SOFTPLUS:
-        tl.store(row_lse_ptr + rows, row_sum, mask=row_ok)
-        tl.store(row_slope_ptr + rows, row_slope, mask=row_ok)
-    else:
-        tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
+    tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
 
 
-_AUTOTUNE_KEY = ["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "SOFTPLUS", "PRECISION"]
-_lse_forward_tuned = triton.autotune(configs=lse_configs(), key=_AUTOTUNE_KEY,
-                                     reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"])(_lse_forward_kernel)
-# The same kernel over smaller tiles for the sigmoid family (see softplus_configs).
-_softplus_sums_tuned = triton.autotune(configs=softplus_configs(), key=_AUTOTUNE_KEY)(_lse_forward_kernel)
+_lse_forward_tuned = triton.autotune(
+    configs=lse_configs(),
+    key=["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "PRECISION"],
+    reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
+)(_lse_forward_kernel)
 
 
-def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False, bias=None):
-    """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused);
-    with a bias, (row sums of softplus(S + bias), of sigmoid(S + bias)) instead.
+def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False):
+    """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused).
     fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
     n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
     check_row_counts(n_rows, n_cols)
-    softplus = bias is not None
-    merge_columns = merge_columns and not softplus
     row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
-    row_slope = torch.empty(n_rows, dtype=torch.float32, device=a.device) if softplus else row_lse
     if merge_columns:
         col_max = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
         col_sum = torch.zeros(n_cols, dtype=torch.float32, device=a.device)
@@ -156,13 +92,11 @@ def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False
     else:
         col_max = col_sum = locks = row_lse  # stand-ins for pointers MERGE_COLUMNS switches off
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
-    launch(_softplus_sums_tuned if softplus else _lse_forward_tuned, grid,
-           (a, b, scale, bias if softplus else scale, row_lse, row_slope, col_max, col_sum, locks, n_rows, n_cols,
-            dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1), size_bucket(n_rows), size_bucket(n_cols)),
-           dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns, SOFTPLUS=softplus,
+    launch(_lse_forward_tuned, grid,
+           (a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), size_bucket(n_rows), size_bucket(n_cols)),
+           dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
                 UPCAST=upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
            fixed_config, a.device)
-    if softplus:
-        return row_lse, row_slope
     col_lse = col_max + torch.log(col_sum) if merge_columns else row_lse.new_empty(0)
     return row_lse, col_lse

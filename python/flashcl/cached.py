@@ -16,29 +16,20 @@ The gradients are those of the same chunked forward kept whole; the price is a s
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, List, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Callable, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-Inputs = Union[Tensor, Dict[str, Any]]
+from . import checks
+
+Inputs = Union[Tensor, Mapping]  # a tensor, or a mapping of tensors: a dict, transformers' BatchEncoding
 Tower = Tuple[Callable[[Inputs], Tensor], Inputs]
 
 
-def _batch_size(inputs: Inputs, name: str) -> int:
-    if isinstance(inputs, Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, dict):
-        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, Tensor)}
-        if len(sizes) == 1:
-            return sizes.pop()
-        raise ValueError(f"{name}: the tensors of a dict of inputs must share their first (batch) dimension, "
-                         f"got {sorted(sizes) or 'no tensors'}")
-    raise TypeError(f"{name}: inputs must be a tensor or a dict of tensors (e.g. tokenized text), "
-                    f"got {type(inputs).__name__}")
-
-
 def _chunk(inputs: Inputs, rows: slice) -> Inputs:
+    """Rows of a tensor, or of every tensor of a mapping (as a dict; other values as they are)."""
     if isinstance(inputs, Tensor):
         return inputs[rows]
     return {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in inputs.items()}
@@ -137,8 +128,9 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
             ``lambda image, text: flashcl.clip_loss(image, text, model.logit_scale.exp())``; any
             flashcl loss (with group= for distributed training) or a sum of them. It runs once.
         towers: (encoder, inputs) pairs: encoder(inputs) -> (n, D) embeddings for a chunk of the
-            batch's rows; inputs a tensor or a dict of tensors (tokenized text), batch first. The
-            same encoder may serve several towers (SimCLR's two views).
+            batch's rows; inputs a tensor or a mapping of tensors (tokenized text: a dict, transformers'
+            BatchEncoding), batch first, whose chunks reach the encoder as dicts. The same encoder
+            may serve several towers (SimCLR's two views).
         chunk_size: rows per encoder call; the largest batch of activations alive at once.
         show_progress_bar: a tqdm bar over the chunks of both passes.
 
@@ -150,21 +142,9 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
     encoder wrapped in DistributedDataParallel, every chunk but its last runs under `no_sync()`,
     so DDP reduces once per step. Without grad mode it just computes the loss, chunk by chunk.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not towers:
-        raise ValueError("cached_loss needs at least one (encoder, inputs) tower")
-    plans = []
-    for t, tower in enumerate(towers):
-        if not (isinstance(tower, (tuple, list)) and len(tower) == 2 and callable(tower[0])):
-            raise TypeError(f"towers[{t}] must be an (encoder, inputs) pair with a callable encoder, "
-                            f"got {type(tower).__name__}")
-        encoder, inputs = tower
-        rows = _batch_size(inputs, f"towers[{t}]")
-        if rows == 0:
-            raise ValueError(f"towers[{t}]: the inputs are an empty batch")
-        plans.append((encoder, inputs, [slice(start, min(start + chunk_size, rows))
-                                        for start in range(0, rows, chunk_size)]))
+    checks.check_positive_int("chunk_size", chunk_size)
+    plans = [(encoder, inputs, [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)])
+             for encoder, inputs, rows in checks.check_towers(towers)]
     progress = _progress(show_progress_bar)
     if not torch.is_grad_enabled():  # evaluation: nothing to replay
         return loss_fn(*[torch.cat([encoder(_chunk(inputs, r)) for r in rows]) for encoder, inputs, rows in plans])
@@ -182,9 +162,7 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
         last[id(chunk.encoder)] = chunk
     for chunk in last.values():
         chunk.last_of_encoder = True
-    loss = loss_fn(*embeddings)
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {loss if not isinstance(loss, Tensor) else loss.shape}")
+    loss = checks.check_scalar_loss(loss_fn(*embeddings))
     anchor = torch.empty(0, device=loss.device, requires_grad=True)
     return _ReplayChunks.apply(anchor, (loss, embeddings, chunks, autocast, progress))
 

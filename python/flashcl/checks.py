@@ -1,12 +1,17 @@
-"""Argument validation for the public losses: every message names the argument and what was expected.
+"""Argument validation: the one home of every check of a public argument. Each message names the
+argument and what was expected (and, where a common mistake is likely, what to do instead).
 
-Runs before any kernel, so bad input is an exception here and never a wrong number or
-a crash deep in a backend.
+Checks run before any kernel and before any state changes, so bad input is an exception here and
+never a wrong number, a corrupted running estimate or a crash deep in a backend. Checks that need a
+tensor's values (a range, a sign) go through `_values_checked`: they read values back to the host,
+which a compiled graph cannot do, so they are skipped while torch.compile traces (docs/design.md,
+"Validation").
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from collections.abc import Mapping
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,11 +25,73 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
+def values_readable() -> bool:
+    """Whether checks may read tensor values (a device sync): not while torch.compile traces."""
+    return not torch.compiler.is_compiling()
 
+
+# -- Python numbers and choices ----------------------------------------------------------------------------
+
+def _describe_interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf and high_open:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high == math.inf:
+        return f"a number {'>' if low_open else '>='} {low:g} or float('inf')"
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = True, high_open: bool = True, meaning: str = "") -> float:
+    """A Python int or float (not a bool) in the interval given, as a float; NaN never passes."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be {_describe_interval(low, high, low_open, high_open)}{meaning}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def check_positive_number(name: str, value: Any) -> float:
+    """A finite number > 0 (a temperature, a width, a time scale)."""
+    return check_number(name, value, 0.0)
+
+
+def check_weight(name: str, value: Any) -> float:
+    """A finite number >= 0 (a loss term's weight: 0 switches it off)."""
+    return check_number(name, value, 0.0, low_open=False)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_reduction(reduction: str) -> str:
+    return check_choice("reduction", reduction, REDUCTIONS)
+
+
+def check_rank(rank: Any, world_size: Any) -> None:
+    """open_clip's (rank, world_size) of a loss module."""
+    check_positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+
+
+def check_supported(supported: bool, message: str) -> None:
+    """An option flashcl does not implement: a ValueError whose message names it and says what to use instead."""
+    if not supported:
+        raise ValueError(message)
+
+
+# -- feature tensors -----------------------------------------------------------------------------------------
 
 def check_features(name: str, features: Tensor) -> Tensor:
     """A 2-D (batch, dim) floating tensor with at least one row and one column."""
@@ -58,6 +125,22 @@ def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool =
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
 
 
+def check_views(name: str, features: Tensor) -> Tensor:
+    """SupCon's features: (N, V, D) (V views per sample) or (N, D) (one view), as (N, V, D)."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, V, D) or (N, D), got {type(features).__name__}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"{name} must be (N, V, D) (V views per sample) or (N, D), got shape "
+                         f"{tuple(features.shape)}")
+    views = features if features.dim() == 3 else features[:, None]
+    if views.shape[1] == 0:
+        raise ValueError(f"{name} has no views (shape {tuple(features.shape)})")
+    check_features(name, views[:, 0])
+    return views
+
+
+# -- scalars that may be tensors ---------------------------------------------------------------------------
+
 def as_scale(name: str, scale: Union[float, Tensor], like: Tensor) -> Tensor:
     """A finite positive scalar as a 0-d tensor on `like`'s device in the statistics dtype.
 
@@ -81,9 +164,7 @@ def _as_scalar(name: str, value: Union[float, Tensor], like: Tensor, positive: b
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        # Reading the value syncs with the device and breaks a torch.compile graph, so
-        # compiled code skips this one check (as it skips the range check of targets).
-        number = None if torch.compiler.is_compiling() else float(value.detach())
+        number = float(value.detach()) if values_readable() else None
         tensor = value.reshape(()).to(device=like.device, dtype=dtype)
     elif isinstance(value, (float, int)) and not isinstance(value, bool):
         number = float(value)
@@ -91,8 +172,40 @@ def _as_scalar(name: str, value: Union[float, Tensor], like: Tensor, positive: b
     else:
         raise TypeError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
     if number is not None and not (math.isfinite(number) and (number > 0 or not positive)):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {number}")
+        hint = ""
+        if positive and math.isfinite(number):  # a log-scale is the likeliest way to get here
+            hint = (f"; it is the multiplier itself: if {number:g} is a log-scale (open_clip's logit_scale "
+                    "parameter), pass logit_scale.exp()")
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {number}{hint}")
     return tensor
+
+
+# -- integer tensors ---------------------------------------------------------------------------------------
+
+def check_integers(name: str, values, n: int, like: Optional[Tensor], meaning: str, like_name: str) -> Tensor:
+    """An integer tensor of shape (n,) (on like's device, unless like is None), as int64."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape ({n},), got {type(values).__name__}")
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {values.dtype}")
+    if values.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) ({meaning}), got {tuple(values.shape)}")
+    if like is not None and values.device != like.device:
+        raise ValueError(f"{name} is on {values.device} but {like_name} are on {like.device}")
+    return values.long()
+
+
+def check_index_range(name: str, values: Tensor, size: int, what: str) -> None:
+    """Every entry of an index tensor lies in [0, size); `what` says what it indexes."""
+    if values_readable() and values.numel():
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} must lie in [0, {size - 1}] ({what}), got values in [{low}, {high}]")
+
+
+def index_range(values: Tensor) -> Optional[tuple]:
+    """(min, max) of an index tensor, for the ranks of a group to check a global range; None while compiling."""
+    return (int(values.min()), int(values.max())) if values_readable() and values.numel() else None
 
 
 def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Tensor) -> Tensor:
@@ -107,24 +220,16 @@ def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Ten
                              f"as queries ({n}), got {m}; pass targets explicitly")
         return torch.arange(n, device=like.device)
     targets = check_integers("targets", targets, n, like, "one index per query", "queries")
-    if m is not None and not torch.compiler.is_compiling():
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= m:
-            raise ValueError(f"targets must index keys, i.e. lie in [0, {m - 1}], got values in [{low}, {high}]")
+    if m is not None:
+        check_index_range("targets", targets, m, "indices of keys")
     return targets
 
 
-def check_integers(name: str, values, n: int, like: Tensor, meaning: str, like_name: str) -> Tensor:
-    """An integer tensor of shape (n,) on like's device, as int64."""
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{name} must be an integer tensor of shape ({n},), got {type(values).__name__}")
-    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {values.dtype}")
-    if values.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) ({meaning}), got {tuple(values.shape)}")
-    if values.device != like.device:
-        raise ValueError(f"{name} is on {values.device} but {like_name} are on {like.device}")
-    return values.long()
+def check_dataset_index(index, n: int, num_samples: int) -> Tensor:
+    """GammaContrastiveLoss's index: each row's dataset index, in [0, num_samples), on any device."""
+    index = check_integers("index", index, n, None, "one dataset index per row", "")
+    check_index_range("index", index, num_samples, f"num_samples={num_samples}")
+    return index
 
 
 def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> Tensor:
@@ -139,6 +244,96 @@ def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> T
         raise ValueError(f"{name} must have shape ({n},) (one log-weight per anchor), got {tuple(log_weights.shape)}")
     if log_weights.device != like.device:
         raise ValueError(f"{name} is on {log_weights.device} but the features are on {like.device}")
-    if not torch.compiler.is_compiling() and bool(torch.isnan(log_weights).any() | (log_weights == math.inf).any()):
+    if values_readable() and bool(torch.isnan(log_weights).any() | (log_weights == math.inf).any()):
         raise ValueError(f"{name} must not hold NaN or +inf (a weight u = exp(log u) must be finite)")
     return log_weights.detach().to(statistics_dtype(like.dtype))
+
+
+# -- gradient caching's towers -----------------------------------------------------------------------------
+
+def batch_size(name: str, inputs: Any) -> int:
+    """Rows of an encoder's inputs: a tensor, or a mapping of tensors (tokenized text: a dict, or
+    transformers' BatchEncoding) that share their first dimension. Never an empty batch."""
+    if isinstance(inputs, Tensor):
+        rows = inputs.shape[0] if inputs.dim() else None
+        if rows is None:
+            raise ValueError(f"{name}: the inputs must have a batch dimension, got a 0-d tensor")
+    elif isinstance(inputs, Mapping):
+        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim()}
+        if len(sizes) != 1:
+            raise ValueError(f"{name}: the tensors of a mapping of inputs must share their first (batch) dimension, "
+                             f"got {sorted(sizes) or 'no tensors'}")
+        rows = sizes.pop()
+    else:
+        raise TypeError(f"{name}: inputs must be a tensor or a mapping of tensors (e.g. tokenized text: a dict or a "
+                        f"BatchEncoding), got {type(inputs).__name__}")
+    if rows == 0:
+        raise ValueError(f"{name}: the inputs are an empty batch")
+    return rows
+
+
+def check_towers(towers: Iterable) -> list:
+    """cached_loss's (encoder, inputs) pairs, each with its batch size: [(encoder, inputs, rows)]."""
+    checked = []
+    for t, tower in enumerate(towers):
+        if not (isinstance(tower, (tuple, list)) and len(tower) == 2 and callable(tower[0])):
+            raise TypeError(f"towers[{t}] must be an (encoder, inputs) pair with a callable encoder, "
+                            f"got {type(tower).__name__}")
+        checked.append((tower[0], tower[1], batch_size(f"towers[{t}]", tower[1])))
+    if not checked:
+        raise ValueError("cached_loss needs at least one (encoder, inputs) tower")
+    return checked
+
+
+def check_scalar_loss(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {loss if not isinstance(loss, Tensor) else loss.shape}")
+    return loss
+
+
+def check_gamma_pairing(targets: Optional[Tensor], n: int, m: int, symmetric: bool, exclude_positive: bool) -> None:
+    """The gamma-weighted loss's pairing: a negatives-only mean and a symmetric loss need pairs i <-> i."""
+    if exclude_positive and (targets is not None or n != m):
+        raise ValueError("exclude_positive=True needs pairs i <-> i: targets=None and as many rows in "
+                         f"features_b as in features_a, got targets={'given' if targets is not None else None}, "
+                         f"{n} and {m} rows")
+    if symmetric and targets is not None:
+        raise ValueError("a symmetric loss (log_weights_b given) pairs row i with row i; pass targets=None")
+
+
+def check_process_group(owner: str, rank: int, world_size: int, group):
+    """The group an open_clip-style loss with world_size > 1 runs over, checked against its rank and size."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{owner}(world_size={world_size}) needs torch.distributed initialized (init_process_group)")
+    group = group or dist.group.WORLD
+    actual = (dist.get_rank(group), dist.get_world_size(group))
+    if actual != (rank, world_size):
+        raise ValueError(f"{owner}(rank={rank}, world_size={world_size}) but this process is rank "
+                         f"{actual[0]} of a group of {actual[1]}")
+    return group
+
+
+# -- the sentence-transformers drop-ins ----------------------------------------------------------------------
+
+def check_ranking_options(similarity_fct, similarities: Mapping, directions, supported_directions,
+                          hardness_mode, hardness_strength) -> str:
+    """MultipleNegativesRankingLoss's options that flashcl computes; returns the similarity's kind."""
+    kind = similarities.get(similarity_fct)
+    name = getattr(similarity_fct, "__name__", repr(similarity_fct))
+    check_supported(kind is not None, f"similarity_fct={name}: flashcl fuses cosine similarity (util.cos_sim) and "
+                    "the dot product (util.dot_score) only; use sentence_transformers' own loss for other similarities")
+    unsupported = [d for d in directions if d not in supported_directions]
+    check_supported(not unsupported, f"directions={tuple(directions)}: flashcl supports {tuple(supported_directions)}, "
+                    f"not {unsupported} (doc_to_doc masks each query's own documents, a block flashcl's kernels do "
+                    "not leave out)")
+    check_supported(hardness_mode is None or not hardness_strength,
+                    f"hardness_mode={hardness_mode!r} is not supported by flashcl's fused loss")
+    return kind
+
+
+def check_columns(count: int) -> None:
+    """A ranking loss's columns: the anchors', the positives' and any hard negatives' embeddings."""
+    if count < 2:
+        raise ValueError(f"expected the anchors' and at least the positives' columns, got {count}")

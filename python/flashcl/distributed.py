@@ -80,8 +80,9 @@ SINGLE_PROCESS = SingleProcess()
 class Shards:
     """How one call's rows are split over a process group, and the collectives the losses need.
 
-    Built by ShardedCall after every rank's checks: the ranks exchange their signatures, and a
-    disagreement, or a rank whose input was rejected, raises on every rank.
+    Built by flashcl._core.Call after every rank's checks: the ranks exchange their signatures
+    (`description`, or the error this rank's checks raised), and a disagreement, or a rank whose
+    input was rejected, raises on every rank.
     """
 
     def __init__(self, group, call: str, description: Optional[dict], local_error: Optional[BaseException]):
@@ -202,13 +203,18 @@ class Shards:
 
     def sum(self, value: Tensor) -> Tensor:
         """The sum over ranks, with the backward of a sum over ranks (see SumOverRanks)."""
-        return SumOverRanks.apply(value, self.group, self.call)
+        return sum_over_ranks(value, self.group, self.call)
 
     def max(self, value: Tensor) -> Tensor:
         """The largest over ranks, detached (a shift that keeps exponentials in range)."""
         peak = value.detach().clone()
         self._collective("max", lambda: dist.all_reduce(peak, dist.ReduceOp.MAX, group=self.group))
         return peak
+
+
+def sum_over_ranks(value: Tensor, group, call: str) -> Tensor:
+    """The sum over the ranks of `group`, with the backward of a sum over ranks (see SumOverRanks)."""
+    return SumOverRanks.apply(value, group, call)
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -238,55 +244,3 @@ def collective(call: str, what: str, group, run):
             f"flashcl {call}(group=...): the {what} collective failed on rank {dist.get_rank(group)} of "
             f"{dist.get_world_size(group)} ({error}). Every rank of the group must make the same flashcl call with "
             "the same group; a rank that passed group=None or another group never joins") from error
-
-
-class ShardedCall:
-    """The argument checks of a loss call, made collective: every rank's checks run inside
-
-        with ShardedCall(group, "clip_loss") as call:
-            check_pair(...)                              # may raise TypeError / ValueError
-            call.describe(anchors, keys, symmetric=True)  # what every rank must agree on
-        shards = call.shards                             # SINGLE_PROCESS without a group
-
-    and on the way out the ranks exchange their descriptions (or their errors), so a rank's bad
-    input or a disagreement raises on every rank at once instead of leaving the others waiting
-    in a collective. Without a group (or with a group of one) nothing is exchanged.
-    """
-
-    def __init__(self, group, call: str):
-        self.group, self.call = group, call
-        self.shards = SINGLE_PROCESS
-        self.description = None
-        self.sharded = False  # whether the rows are split over more than one rank (known inside `with`)
-
-    def describe(self, anchors: Tensor, keys: Tensor, anchor_count: Optional[int] = None,
-                 targets: Optional[Tensor] = None, default_targets: bool = False, **fields) -> None:
-        """anchors, keys: this rank's rows (anchor_count if it is not anchors' rows); targets: global
-        indices whose range every rank checks; fields: flags every rank must share."""
-        if not self.sharded:
-            return  # nothing is exchanged, so nothing is read (no device sync in one process)
-        self.description = {
-            "fields": {"call": self.call, "feature dimension": anchors.shape[1], "dtype": anchors.dtype,
-                       "device type": anchors.device.type, "anchors need gradients": anchors.requires_grad,
-                       "keys need gradients": keys.requires_grad, **fields},
-            "anchors": anchors.shape[0] if anchor_count is None else anchor_count, "keys": keys.shape[0],
-            "target_range": None if targets is None else (int(targets.min()), int(targets.max())),
-            "default_targets": default_targets,
-        }
-
-    def __enter__(self) -> "ShardedCall":
-        if self.group is not None and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"{self.call}: group= needs torch.distributed initialized (init_process_group), "
-                               "or group=None for one process")
-        self.sharded = self.group is not None and dist.get_world_size(self.group) > 1
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if not self.sharded:
-            return False
-        if error is not None and not isinstance(error, (TypeError, ValueError)):
-            return False
-        if error is None and self.description is None:
-            raise RuntimeError(f"{self.call}: ShardedCall.describe() was not called")
-        self.shards = Shards(self.group, self.call, self.description, error)
-        return False  # this rank's own error, if any, propagates

@@ -25,10 +25,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checks import as_scale, check_pair
-from .distributed import ShardedCall
-from .losses import ContrastiveLoss, contrastive_statistics, denominator_sizes
-from .primitives import resolve_backend
+from . import _core, checks
 
 
 def sample_log_weights(log_z: Tensor, shape: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -49,13 +46,16 @@ def ema_log(log_old: Tensor, log_new: Tensor, momentum: float) -> Tensor:
     return torch.logaddexp(log_old + math.log1p(-momentum), log_new + math.log(momentum))
 
 
-def _log_mean_by_group(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """log mean exp(values) within each group: the one batch estimate of an index seen several times."""
-    peak = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=values.device)
-    peak = peak.scatter_reduce(0, groups, values, "amax")
-    total = torch.zeros_like(peak).index_add_(0, groups, torch.exp(values - peak[groups]))
-    count = torch.bincount(groups, minlength=n_groups).to(values.dtype)
-    return peak + torch.log(total) - torch.log(count)
+def _log_mean_by_group(values: Tensor, keep: Tensor, groups: Tensor) -> Tensor:
+    """Per row, log mean exp(values) over the kept rows of its group (-inf for a group with none kept):
+    the one batch estimate of an index seen several times. groups holds group ids in [0, len(values))."""
+    n = values.shape[0]
+    kept = torch.where(keep, values, -math.inf)
+    peak = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device).scatter_reduce(0, groups, kept, "amax")
+    safe_peak = torch.where(torch.isinf(peak), 0.0, peak)[groups]
+    total = torch.zeros_like(peak).index_add_(0, groups, torch.where(keep, torch.exp(kept - safe_peak), 0.0))
+    count = torch.zeros_like(peak).index_add_(0, groups, keep.to(values.dtype))
+    return (safe_peak + torch.log(total[groups]) - torch.log(count[groups])).where(count[groups] > 0, -math.inf)
 
 
 class GammaContrastiveLoss(nn.Module):
@@ -90,13 +90,9 @@ class GammaContrastiveLoss(nn.Module):
                  exclude_positive: bool = True, state_device: Union[str, torch.device] = "cpu",
                  generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None, group=None):
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not (isinstance(shape, (int, float)) and shape > 0):
-            raise ValueError(f"shape must be a float > 0 or float('inf'), got {shape!r}")
-        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
-            raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
-        self.num_samples, self.shape, self.momentum = num_samples, float(shape), float(momentum)
+        self.num_samples = checks.check_positive_int("num_samples", num_samples)
+        self.shape = checks.check_number("shape", shape, 0.0, math.inf, high_open=False)
+        self.momentum = checks.check_number("momentum", momentum, 0.0, 1.0, high_open=False)
         self.symmetric, self.exclude_positive = symmetric, exclude_positive
         self.generator, self.backend, self.group = generator, backend, group
         state_device = torch.device(state_device)
@@ -110,34 +106,23 @@ class GammaContrastiveLoss(nn.Module):
         return (f"num_samples={self.num_samples}, shape={self.shape}, momentum={self.momentum}, "
                 f"symmetric={self.symmetric}, exclude_positive={self.exclude_positive}")
 
-    def _check_index(self, index: Tensor, n: int) -> Tensor:
-        if not isinstance(index, Tensor) or index.dtype == torch.bool or index.is_floating_point() \
-                or index.is_complex():
-            what = index.dtype if isinstance(index, Tensor) else type(index).__name__
-            raise TypeError(f"index must be an integer tensor of shape ({n},) of dataset indices, got {what}")
-        if index.shape != (n,):
-            raise ValueError(f"index must have shape ({n},) (one dataset index per row), got {tuple(index.shape)}")
-        index = index.to(self.log_z_a.device, torch.long)
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= self.num_samples:
-            raise ValueError(f"index must lie in [0, {self.num_samples - 1}] (num_samples={self.num_samples}), "
-                             f"got values in [{low}, {high}]")
-        return index
-
     @torch.no_grad()
-    def _update(self, direction: str, index: Tensor, log_z_batch: Tensor) -> int:
-        """Folds this batch's estimates into the state; returns how many rows it skipped as non-finite."""
+    def _update(self, direction: str, index: Tensor, log_z_batch: Tensor) -> Tensor:
+        """Folds this batch's estimates into the state; returns how many rows it skipped as non-finite.
+
+        Written without data-dependent shapes (no boolean indexing, no unique), so it compiles into
+        the training step's graph: every row writes its index's new value, and rows of the same index
+        write the same value, their group's."""
         log_z, visited = getattr(self, f"log_z_{direction}"), getattr(self, f"visited_{direction}")
         log_z_batch = log_z_batch.to(log_z.device, log_z.dtype)
         finite = torch.isfinite(log_z_batch)
-        index, log_z_batch = index[finite], log_z_batch[finite]
-        if index.numel():
-            unique, groups = torch.unique(index, return_inverse=True)  # sorted: the same order every run
-            batch = _log_mean_by_group(log_z_batch, groups, unique.numel())
-            new = torch.where(visited[unique], ema_log(log_z[unique], batch, self.momentum), batch)
-            log_z[unique] = new
-            visited[unique] = True
-        return int((~finite).sum())
+        batch = _log_mean_by_group(log_z_batch, finite, _core.group_ids(index))
+        seen, old = visited[index], log_z[index]
+        moved = batch != -math.inf  # the index had a finite row in this batch
+        new = torch.where(seen, ema_log(old, batch, self.momentum), batch)
+        log_z.index_put_((index,), torch.where(moved, new, old))
+        visited.index_put_((index,), seen | moved)
+        return (~finite).sum()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -152,46 +137,42 @@ class GammaContrastiveLoss(nn.Module):
 
     def forward(self, features_a: Tensor, features_b: Tensor, scale: Union[float, Tensor], index: Tensor,
                 output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
-        with ShardedCall(self.group, "GammaContrastiveLoss") as call:
-            paired = self.symmetric or self.exclude_positive
-            check_pair("features_a", features_a, "features_b", features_b, same_rows=paired)
-            n, m = features_a.shape[0], features_b.shape[0]
-            if m < n:
-                raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {m}")
-            index = self._check_index(index, n)
-            scale = as_scale("scale", scale, features_a)
-            call.describe(features_a, features_b, default_targets=True, symmetric=self.symmetric,
-                          exclude_positive=self.exclude_positive, num_samples=self.num_samples, shape=self.shape,
-                          momentum=self.momentum, scale_needs_gradient=scale.requires_grad)
-        shards = call.shards
-        backend = resolve_backend(self.backend, features_a)
-        targets = torch.arange(n, device=features_a.device)
-        if call.sharded:  # row i of the concatenated features_a pairs with row i of the concatenated features_b
-            targets = shards.candidate_positions(targets + shards.anchor_offset)
+        with _core.Call("GammaContrastiveLoss", self.group, self.backend) as call:
+            call.features("features_a", features_a, "features_b", features_b,
+                          same_rows=self.symmetric or self.exclude_positive)
+            n = features_a.shape[0]
+            if features_b.shape[0] < n:
+                raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {features_b.shape[0]}")
+            index = checks.check_dataset_index(index, n, self.num_samples).to(self.log_z_a.device)
+            scale = call.scale("scale", scale)
+            call.targets(None)
+            call.agree(symmetric=self.symmetric, exclude_positive=self.exclude_positive, num_samples=self.num_samples,
+                       shape=self.shape, momentum=self.momentum)
+        plan = call.plan(symmetric=self.symmetric, exclude_diagonal=self.exclude_positive)
+        shards = plan.shards
 
         with torch.no_grad():
-            keys = shards.candidates(features_b)
-            statistics = contrastive_statistics(features_a, keys, scale.detach(), targets, self.symmetric,
-                                                self.exclude_positive, backend, shards)
+            keys = _core.candidates(features_a, features_b, plan)
+            statistics = _core.contrastive_statistics(features_a, keys, scale.detach(), call.positions, plan)
         row_lse, col_lse, positive = statistics
-        counts = denominator_sizes(shards.global_anchors(n), keys.shape[0], self.exclude_positive)
+        counts = _core.denominator_sizes(shards.global_anchors(n), keys.shape[0], self.exclude_positive)
         log_weights, skipped, infonce = [], 0, []
         for direction, lse, count in zip(self._directions, (row_lse, col_lse), counts):
             # Every rank folds in every rank's estimates, in rank order: the states stay identical.
-            skipped += self._update(direction, shards.gather_anchors(index.to(features_a.device)).to(index.device),
-                                    shards.gather_anchors(lse) - math.log(count))
+            skipped = skipped + self._update(
+                direction, shards.gather_anchors(index.to(features_a.device)).to(index.device),
+                shards.gather_anchors(lse) - math.log(count))
             log_z = getattr(self, f"log_z_{direction}")[index]
             log_weights.append(sample_log_weights(log_z, self.shape, self.generator).to(row_lse))
             # The ordinary InfoNCE, positive included in its denominator, for logging.
             with_positive = torch.logaddexp(lse, positive) if self.exclude_positive else lse
             infonce.append((with_positive - positive).mean())
-        if skipped:
-            warnings.warn(f"GammaContrastiveLoss: {skipped} rows had non-finite statistics; their running "
+        if checks.values_readable() and int(skipped):
+            warnings.warn(f"GammaContrastiveLoss: {int(skipped)} rows had non-finite statistics; their running "
                           "estimates were left unchanged", RuntimeWarning, stacklevel=2)
 
-        loss = ContrastiveLoss.apply(
-            features_a, features_b, scale, targets, (log_weights[0], log_weights[1] if self.symmetric else None),
-            statistics, self.symmetric, self.exclude_positive, "mean", backend, shards)[0]
+        loss = _core.contrastive_loss(features_a, features_b, scale, call.positions, plan, statistics=statistics,
+                                      log_weights=(log_weights[0], log_weights[1] if self.symmetric else None)).loss
         if not output_dict:
             return loss
-        return {"loss": loss, "infonce": torch.stack(infonce).mean(), "skipped": torch.tensor(skipped)}
+        return {"loss": loss, "infonce": torch.stack(infonce).mean(), "skipped": skipped}

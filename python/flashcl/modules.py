@@ -7,30 +7,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checks import check_pair
-from .distributed import ShardedCall, SumOverRanks, collective
+from . import _core, checks
+from .distributed import collective, sum_over_ranks
 from .losses import clip_loss, infonce_loss, nt_xent_loss
 from .siglip import siglip_loss
 from .supcon import supcon_loss
 
-
-def _check_rank(rank, world_size) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-
-
-def _process_group(owner: str, rank: int, world_size: int, group):
-    """The group an open_clip-style loss with world_size > 1 runs over, checked against its rank and size."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{owner}(world_size={world_size}) needs torch.distributed initialized (init_process_group)")
-    group = group or dist.group.WORLD
-    actual = (dist.get_rank(group), dist.get_world_size(group))
-    if actual != (rank, world_size):
-        raise ValueError(f"{owner}(rank={rank}, world_size={world_size}) but this process is rank "
-                         f"{actual[0]} of a group of {actual[1]}")
-    return group
+DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")  # open_clip's SigLipLoss exchanges
 
 
 class ClipLoss(nn.Module):
@@ -68,16 +51,15 @@ class ClipLoss(nn.Module):
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: Optional[str] = None, group=None):
         super().__init__()
-        if use_horovod:
-            raise ValueError("use_horovod=True: flashcl.ClipLoss runs on torch.distributed only; "
-                             "initialize a torch.distributed process group and pass world_size and rank")
-        _check_rank(rank, world_size)
+        checks.check_supported(not use_horovod, "use_horovod=True: flashcl.ClipLoss runs on torch.distributed only; "
+                               "initialize a torch.distributed process group and pass world_size and rank")
+        checks.check_rank(rank, world_size)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.backend, self.group = backend, group
 
     def _process_group(self):
-        return _process_group("ClipLoss", self.rank, self.world_size, self.group)
+        return checks.check_process_group("ClipLoss", self.rank, self.world_size, self.group)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False
@@ -99,7 +81,7 @@ class ClipLoss(nn.Module):
         group = self._process_group()
         if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
             # Every rank's backward then sums every rank's part of the scale's gradient.
-            logit_scale = SumOverRanks.apply(logit_scale, group, "ClipLoss") / self.world_size
+            logit_scale = sum_over_ranks(logit_scale, group, "ClipLoss") / self.world_size
         if not self.gather_with_grad:
             image_features = ScaleGradient.apply(image_features, 1.0 / self.world_size)
             text_features = ScaleGradient.apply(text_features, 1.0 / self.world_size)
@@ -109,10 +91,9 @@ class ClipLoss(nn.Module):
         return share + (total / self.world_size - share).detach()  # the value of the global loss
 
     def _local_loss_own_gradients(self, image_features, text_features, logit_scale):
-        group = self._process_group()
-        with ShardedCall(group, "ClipLoss(local_loss=True, gather_with_grad=False)") as call:
-            check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
-            call.describe(image_features, text_features)
+        with _core.Call("ClipLoss(local_loss=True, gather_with_grad=False)", self._process_group(),
+                        function=None) as call:
+            call.features("image_features", image_features, "text_features", text_features, same_rows=True)
         shards = call.shards
         all_images, all_texts = shards.gather_detached(image_features), shards.gather_detached(text_features)
         targets = torch.arange(image_features.shape[0], device=image_features.device) + shards.key_offset
@@ -150,9 +131,8 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, reduction: str = "mean", *, backend: Optional[str] = None):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.temperature = checks.check_positive_number("temperature", temperature)
+        self.reduction, self.backend = reduction, backend
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent_loss(z1, z2, 1.0 / self.temperature, self.reduction, backend=self.backend)
@@ -174,9 +154,8 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: Optional[str] = None, group=None):
         super().__init__()
-        _check_rank(rank, world_size)
-        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
-            raise ValueError(f"dist_impl must be None, 'bidir', 'shift', 'reduce' or 'gather', got {dist_impl!r}")
+        checks.check_rank(rank, world_size)
+        checks.check_choice("dist_impl", dist_impl, DIST_IMPLS)
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl = dist_impl or "bidir"
         self.backend, self.group = backend, group
@@ -184,7 +163,8 @@ class SigLipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Union[float, Tensor, None] = None, output_dict: bool = False
                 ) -> Union[Tensor, Dict[str, Tensor]]:
-        group = None if self.world_size == 1 else _process_group("SigLipLoss", self.rank, self.world_size, self.group)
+        group = None if self.world_size == 1 else checks.check_process_group("SigLipLoss", self.rank, self.world_size,
+                                                                             self.group)
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend, group=group)
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -200,8 +180,7 @@ class SupConLoss(nn.Module):
         self.reduction, self.backend, self.group = reduction, backend, group
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
-        if mask is not None:
-            raise ValueError("mask: flashcl never builds the N x N positive mask; give each sample's class as labels "
-                             "(samples with equal labels are positives of each other)")
+        checks.check_supported(mask is None, "mask: flashcl never builds the N x N positive mask; give each sample's "
+                               "class as labels (samples with equal labels are positives of each other)")
         return supcon_loss(features, labels, self.temperature, self.base_temperature, self.contrast_mode,
                            self.reduction, backend=self.backend, group=self.group)

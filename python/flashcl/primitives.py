@@ -1,17 +1,17 @@
-"""The two primitives of DESIGN.md, and the one place that picks which backend computes them.
+"""The two primitives of docs/design.md, and the one place that picks which backend computes them.
 
 Every loss is assembled from
 
 1. `lse(x, y, scale, rows, cols, exclude_diagonal)`: the row and/or column
    log-sum-exp of S = scale * x @ y.T, in the statistics dtype (fp32; fp64 for fp64 inputs);
-2. `exp_weighted_grad(x, y, scale, a, o, b, p, positives, exclude_diagonal, need_*, function)`:
+2. `weighted_grad(x, y, scale, a, o, b, p, positives, exclude_diagonal, need_*, function)`:
    with G_ij = a_i f(S_ij - o_i) + b_j f(S_ij - p_j) + c_i [j == t_i] for
    positives = (t, c), it returns dx = s G y and dy = s G^T x in the input dtypes
    and ds = sum_ij G_ij (x_i . y_j) in the statistics dtype. Any of a, b, positives
    may be None; the sparse positive term lets a backend round dx and dy only once.
 
-f is exp (the softmax family: primitive 1 is then the log-sum-exp whose derivative it is) or,
-for the sigmoid family (SigLIP), the logistic sigmoid, with primitive 1's sibling
+The weight function f is exp (the softmax family: primitive 1 is the log-sum-exp whose derivative
+it is) or the logistic sigmoid (the sigmoid family, SigLIP), whose forward is primitive 1's sibling
 
 1'. `softplus_sums(x, y, scale, bias, exclude_diagonal)`: the row sums of softplus(S_ij + bias)
     and of its derivative sigmoid(S_ij + bias) (primitive 2 with f = sigmoid, o = -bias).
@@ -46,7 +46,7 @@ class Backend(Protocol):
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool, cols: bool,
             exclude_diagonal: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]: ...
 
-    def exp_weighted_grad(self, x: Tensor, y: Tensor, scale: Tensor, *, a: Optional[Tensor],
+    def weighted_grad(self, x: Tensor, y: Tensor, scale: Tensor, *, a: Optional[Tensor],
                           o: Optional[Tensor], b: Optional[Tensor], p: Optional[Tensor],
                           positives: Optional[Tuple[Tensor, Tensor]], exclude_diagonal: bool,
                           need_dx: bool, need_dy: bool, need_ds: bool, function: str = "exp"
@@ -102,22 +102,23 @@ def _auto(like: Tensor, function: str = "exp") -> Backend:
     return next(backend for backend in candidates if function in backend.functions)
 
 
-def resolve_backend(backend: Optional[str], like: Tensor, function: str = "exp") -> Backend:
+def resolve_backend(backend: Optional[str], like: Tensor, function: str = "exp", stacklevel: int = 2) -> Backend:
     """The backend for one loss call: `backend` if given, else $FLASHCL_BACKEND, else 'auto'.
 
     function: the weight function the loss needs ("exp", or "sigmoid" for the sigmoid family); a
     backend asked for by name that lacks it warns and hands over to the best one that has it.
+    stacklevel: as warnings.warn's, counted from the caller of this function.
     """
-    chosen = _resolve(backend, like)
+    chosen = _resolve(backend, like, stacklevel + 1)
     if function not in chosen.functions:
         fallback = _auto(like, function)
         warnings.warn(f"flashcl: the {chosen.name!r} backend has no {function} kernels yet; using {fallback.name!r}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel + 1)
         return fallback
     return chosen
 
 
-def _resolve(backend: Optional[str], like: Tensor) -> Backend:
+def _resolve(backend: Optional[str], like: Tensor, stacklevel: int) -> Backend:
     source = "backend" if backend is not None else ENV_VAR
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
     if name == "auto":
@@ -130,7 +131,7 @@ def _resolve(backend: Optional[str], like: Tensor) -> Backend:
     if missing is not None and entry.fallback_if_missing:
         chosen = _auto(like)
         warnings.warn(f"flashcl: {source}={name!r} but {missing}; using {chosen.name!r}", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=stacklevel + 1)
         return chosen
     why_not = missing or entry.unavailable(like.device, like.dtype)
     if why_not is not None:

@@ -28,22 +28,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checks import check_pair, check_reduction, statistics_dtype
-from .distributed import ShardedCall
-from .losses import ContrastiveLoss, RowLogSumExp, _reduce, clip_loss
-from .primitives import resolve_backend
+from . import _core, checks
+from .checks import statistics_dtype
+from .losses import clip_loss
 
-
-def _check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+BRIDGE_TIME = "the bridge time of the augmented image"
 
 
 def _pair_consistency(v: Tensor, t: Tensor, distinct_pairs: bool, shards) -> Tensor:
@@ -98,17 +87,16 @@ def geometric_consistency_loss(
     all-reduce of the three D x D Grams per view pair; every rank returns it, with the world size
     times its gradient, as every flashcl loss does for DDP's average.
     """
-    with ShardedCall(group, "geometric_consistency_loss") as call:
-        check_pair("image", image, "text", text, same_rows=True)
+    with _core.Call("geometric_consistency_loss", group, function=None) as call:
+        call.features("image", image, "text", text, same_rows=True)
         images, texts = [image], [text]
         if image_aug is not None:
-            check_pair("image", image, "image_aug", image_aug, same_rows=True)
+            checks.check_pair("image", image, "image_aug", image_aug, same_rows=True)
             images.append(image_aug)
         if text_aug is not None:
-            check_pair("text", text, "text_aug", text_aug, same_rows=True)
+            checks.check_pair("text", text, "text_aug", text_aug, same_rows=True)
             texts.append(text_aug)
-        call.describe(image, text, image_aug=image_aug is not None, text_aug=text_aug is not None,
-                      distinct_pairs=distinct_pairs)
+        call.agree(image_aug=image_aug is not None, text_aug=text_aug is not None, distinct_pairs=distinct_pairs)
     terms = [_pair_consistency(v, t, distinct_pairs, call.shards) for v in images for t in texts]
     return torch.stack(terms).mean()
 
@@ -140,27 +128,24 @@ def brownian_bridge_loss(
     Gradients reach all three inputs. With group= the bridges of every rank are contrasted, as
     flashcl's InfoNCE does with a group.
     """
-    with ShardedCall(group, "brownian_bridge_loss") as call:
-        check_pair("image", image, "text", text, same_rows=True)
-        check_pair("image", image, "image_aug", image_aug, same_rows=True)
-        check_reduction(reduction)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise ValueError(f"t must be a number in (0, 1), the bridge time of the augmented image, got {t!r}")
-        sigma = _check_positive("sigma", sigma)
-        call.describe(image_aug, image, t=float(t), sigma=sigma, contrastive=contrastive, reduction=reduction)
-    shards = call.shards
-    inverse_variance = 1.0 / (sigma**2 * t * (1 - t))
+    with _core.Call("brownian_bridge_loss", group, backend) as call:
+        checks.check_pair("image", image, "text", text, same_rows=True)
+        checks.check_pair("image", image, "image_aug", image_aug, same_rows=True)
+        call.layout(image_aug, image)
+        call.reduction(reduction)
+        t = checks.check_number("t", t, 0.0, 1.0, meaning=", " + BRIDGE_TIME)
+        sigma = checks.check_positive_number("sigma", sigma)
+        scale = call.scale("1 / (sigma^2 t (1 - t))", 1.0 / (sigma**2 * t * (1 - t)))
+        call.targets(None)  # each augmented image's own bridge
+        call.agree(t=t, sigma=sigma, contrastive=contrastive)
+    plan = call.plan(reduction=reduction)
     dtype = statistics_dtype(image.dtype)
     means = (1 - t) * image.to(dtype) + t * text.to(dtype)
     if not contrastive:
-        losses = 0.5 * inverse_variance * (image_aug.to(dtype) - means).square().sum(1)
-        return _reduce(losses, reduction, shards)
+        return _core.reduce(0.5 * scale * (image_aug.to(dtype) - means).square().sum(1), plan)
     queries = torch.cat([image_aug, image_aug.new_ones(image_aug.shape[0], 1)], dim=1)
     keys = torch.cat([means, -0.5 * means.square().sum(1, keepdim=True)], dim=1).to(image.dtype)
-    scale = torch.tensor(inverse_variance, dtype=dtype, device=image.device)
-    targets = torch.arange(image.shape[0], device=image.device)  # own bridge; with a group own shard first
-    return ContrastiveLoss.apply(queries, keys, scale, targets, None, None, False, False, reduction,
-                                 resolve_backend(backend, queries), shards)[0]
+    return _core.contrastive_loss(queries, keys, scale, call.positions, plan).loss
 
 
 def feature_separation_loss(
@@ -187,17 +172,20 @@ def feature_separation_loss(
     With group= the uniformity runs over every rank's private features (each rank's row block of
     the pairs, merged with two scalar all-reduces) and the orthogonality over every rank's rows.
     """
-    with ShardedCall(group, "feature_separation_loss") as call:
-        check_pair("shared", shared, "private", private, same_rows=True)
+    with _core.Call("feature_separation_loss", group, backend) as call:
+        checks.check_pair("shared", shared, "private", private, same_rows=True)
+        call.layout(private, private)
         if private.shape[0] < 2 and not call.sharded:
             raise ValueError(f"private needs at least 2 rows for the uniformity term (pairs j != k), "
                              f"got {private.shape[0]}")
-        uniformity_t = _check_positive("uniformity_t", uniformity_t)
-        orthogonality_weight = _check_weight("orthogonality_weight", orthogonality_weight)
-        uniformity_weight = _check_weight("uniformity_weight", uniformity_weight)
-        call.describe(private, private, uniformity_t=uniformity_t, orthogonality_weight=orthogonality_weight,
-                      uniformity_weight=uniformity_weight)
-    shards = call.shards
+        uniformity_t = checks.check_positive_number("uniformity_t", uniformity_t)
+        orthogonality_weight = checks.check_weight("orthogonality_weight", orthogonality_weight)
+        uniformity_weight = checks.check_weight("uniformity_weight", uniformity_weight)
+        scale = call.scale("2 * uniformity_t", 2 * uniformity_t)
+        call.agree(uniformity_t=uniformity_t, orthogonality_weight=orthogonality_weight,
+                   uniformity_weight=uniformity_weight)
+    plan = call.plan(exclude_diagonal=True)
+    shards = plan.shards
     dtype = statistics_dtype(shared.dtype)
     local = private.shape[0]
     orthogonality = (shared.to(dtype) * private.to(dtype)).sum(1).square().sum() / shards.mean_count(local)
@@ -206,8 +194,7 @@ def feature_separation_loss(
     ones = torch.ones_like(half_norms)
     left = torch.cat([private, (-half_norms).to(private.dtype), ones.to(private.dtype)], dim=1)
     right = torch.cat([private, ones.to(private.dtype), (-half_norms).to(private.dtype)], dim=1)
-    scale = torch.tensor(2 * uniformity_t, dtype=dtype, device=private.device)
-    row_lse = RowLogSumExp.apply(left, right, scale, True, resolve_backend(backend, left), shards)
+    row_lse = _core.row_logsumexp(left, right, scale, plan)
     block_lse = torch.logsumexp(row_lse, dim=0)  # this rank's rows; then over every rank's
     peak = shards.max(block_lse)
     uniformity = peak + torch.log(shards.sum(torch.exp(block_lse - peak))) - math.log(n * (n - 1))
@@ -243,14 +230,12 @@ class ModalityStructureLoss(nn.Module):
                  bridge_t: float = 0.25, bridge_sigma: float = 1.0, uniformity_t: float = 2.0,
                  distinct_pairs: bool = False, backend: Optional[str] = None, group=None):
         super().__init__()
-        self.geometric = _check_weight("geometric", geometric)
-        self.bridge = _check_weight("bridge", bridge)
-        self.separation = _check_weight("separation", separation)
-        if isinstance(bridge_t, bool) or not isinstance(bridge_t, (int, float)) or not 0 < bridge_t < 1:
-            raise ValueError(f"bridge_t must be a number in (0, 1), got {bridge_t!r}")
-        self.bridge_t = float(bridge_t)
-        self.bridge_sigma = _check_positive("bridge_sigma", bridge_sigma)
-        self.uniformity_t = _check_positive("uniformity_t", uniformity_t)
+        self.geometric = checks.check_weight("geometric", geometric)
+        self.bridge = checks.check_weight("bridge", bridge)
+        self.separation = checks.check_weight("separation", separation)
+        self.bridge_t = checks.check_number("bridge_t", bridge_t, 0.0, 1.0, meaning=", " + BRIDGE_TIME)
+        self.bridge_sigma = checks.check_positive_number("bridge_sigma", bridge_sigma)
+        self.uniformity_t = checks.check_positive_number("uniformity_t", uniformity_t)
         self.distinct_pairs, self.backend, self.group = distinct_pairs, backend, group
 
     def extra_repr(self) -> str:

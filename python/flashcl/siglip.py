@@ -13,42 +13,9 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .checks import as_bias, as_scale, check_pair, check_reduction
-from .distributed import ShardedCall
-from .losses import _anchor_weights, _reduce, positive_logits
-from .primitives import resolve_backend
-
-
-class SigmoidLoss(torch.autograd.Function):
-    """The reduced SigLIP loss of anchors x against candidates y (every rank's, with shards), pair i <-> i."""
-
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, reduction, backend, shards):
-        keys = shards.candidates(y)
-        softplus_sums, sigmoid_sums = backend.softplus_sums(x, keys, scale, bias)
-        pairs = torch.arange(x.shape[0], device=x.device)  # own shard first: pair i is candidate i
-        losses = softplus_sums - (positive_logits(x, keys, pairs, scale) + bias)
-        ctx.save_for_backward(x, keys, scale, bias, sigmoid_sums)
-        ctx.reduction, ctx.backend, ctx.shards = reduction, backend, shards
-        return _reduce(losses, reduction, ctx.shards)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, keys, scale, bias, sigmoid_sums = ctx.saved_tensors
-        weights = _anchor_weights(grad, ctx.reduction, x.shape[0], ctx.shards)
-        pairs = torch.arange(x.shape[0], device=x.device)
-        dx, dkeys, ds = ctx.backend.exp_weighted_grad(
-            x, keys, scale, a=weights.contiguous(), o=(-bias).expand(x.shape[0]).contiguous(),
-            positives=(pairs, -weights), exclude_diagonal=False, need_dx=ctx.needs_input_grad[0],
-            need_dy=ctx.needs_input_grad[1], need_ds=ctx.needs_input_grad[2], function="sigmoid")
-        dy = ctx.shards.candidate_grads(dkeys) if dkeys is not None else None
-        dbias = torch.sum(weights * (sigmoid_sums - 1)) if ctx.needs_input_grad[3] else None
-        return dx, dy, ds, dbias, None, None, None
+from . import _core
 
 
 def siglip_loss(
@@ -79,12 +46,9 @@ def siglip_loss(
     Equals open_clip's ``SigLipLoss()(image, text, s, b)`` without the (N, N) logits. The loss is fp32
     (fp64 for fp64 inputs); gradients in the input dtype.
     """
-    with ShardedCall(group, "siglip_loss") as call:
-        check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
-        check_reduction(reduction)
-        logit_scale = as_scale("logit_scale", logit_scale, image_features)
-        logit_bias = as_bias("logit_bias", 0.0 if logit_bias is None else logit_bias, image_features)
-        call.describe(image_features, text_features, reduction=reduction,
-                      scale_needs_gradient=logit_scale.requires_grad, bias_needs_gradient=logit_bias.requires_grad)
-    return SigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, reduction,
-                             resolve_backend(backend, image_features, "sigmoid"), call.shards)
+    with _core.Call("siglip_loss", group, backend, function="sigmoid") as call:
+        call.features("image_features", image_features, "text_features", text_features, same_rows=True)
+        call.reduction(reduction)
+        logit_scale = call.scale("logit_scale", logit_scale)
+        logit_bias = call.bias("logit_bias", 0.0 if logit_bias is None else logit_bias)
+    return _core.sigmoid_loss(image_features, text_features, logit_scale, logit_bias, call.plan(reduction=reduction))

@@ -1,4 +1,4 @@
-"""Supervised contrastive loss (Khosla et al. 2020, "SupCon") with O(N + C D) memory.
+"""Supervised contrastive loss (Khosla et al. 2020, "SupCon") with O(N D) memory.
 
 Views are stacked view-major as in the reference implementation: contrast = [view 0; view 1; ...]
 (V N rows); the anchors are all of them ("all") or view 0 ("one"), anchor k being contrast row k.
@@ -9,7 +9,8 @@ k's label, per anchor
 
 The denominator is primitive 1 with the diagonal excluded (flashcl.row_logsumexp's Function). The
 positive term needs no pairwise product at all: sum_{p in P(k)} x_p = C_{y_k} - x_k with C_c the
-sum of label c's contrast features, so it is O(N D + C D) work that autograd differentiates.
+sum of label c's contrast features, so it is O(N D) work that autograd differentiates. Classes are
+numbered by sorting the labels (_core.group_ids), so no shape depends on the labels' values.
 """
 from __future__ import annotations
 
@@ -18,26 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import as_scale, check_features, check_integers, check_reduction, statistics_dtype
-from .distributed import ShardedCall
-from .losses import RowLogSumExp
-from .primitives import resolve_backend
+from . import _core, checks
 
 CONTRAST_MODES = ("all", "one")
-
-
-def _as_views(features: Tensor) -> Tensor:
-    """(N, V, D) from (N, V, D) or (N, D) (one view)."""
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor of shape (N, V, D) or (N, D), got {type(features).__name__}")
-    if features.dim() not in (2, 3):
-        raise ValueError(f"features must be (N, V, D) (V views per sample) or (N, D), got shape "
-                         f"{tuple(features.shape)}")
-    views = features if features.dim() == 3 else features[:, None]
-    if views.shape[1] == 0:
-        raise ValueError(f"features has no views (shape {tuple(features.shape)})")
-    check_features("features", views[:, 0])
-    return views
 
 
 def supcon_loss(
@@ -71,38 +55,41 @@ def supcon_loss(
     its mean (as zeros), flashcl leaves them out of it. The reference's `mask=` (an N x N matrix)
     has no counterpart: express the positives as labels.
     """
-    with ShardedCall(group, "supcon_loss") as call:
-        views = _as_views(features)
-        n, view_count = views.shape[0], views.shape[1]
+    with _core.Call("supcon_loss", group, backend) as call:
+        views = checks.check_views("features", features)
+        n, view_count, dim = views.shape
         if labels is not None:
-            labels = check_integers("labels", labels, n, views, "one label per sample", "features")
-        if contrast_mode not in CONTRAST_MODES:
-            raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
-        for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-        if labels is None and view_count < 2:
+            labels = checks.check_integers("labels", labels, n, views, "one label per sample", "features")
+        elif view_count < 2:
             raise ValueError("labels=None makes each sample its own class, so its positives are its other views: "
                              f"features needs V >= 2 views (N, V, D), got shape {tuple(features.shape)}")
-        check_reduction(reduction)
-        contrast = views.transpose(0, 1).reshape(view_count * n, views.shape[2])
+        checks.check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        temperature = checks.check_positive_number("temperature", temperature)
+        base_temperature = checks.check_positive_number("base_temperature", base_temperature)
+        call.reduction(reduction)
+        contrast = views.transpose(0, 1).reshape(view_count * n, dim)
         anchors = contrast if contrast_mode == "all" else contrast[:n]
-        call.describe(anchors, contrast, views=view_count, labelled=labels is not None, contrast_mode=contrast_mode,
-                      temperature=temperature, base_temperature=base_temperature, reduction=reduction)
-    shards = call.shards
-    dtype = statistics_dtype(contrast.dtype)
-    scale = as_scale("1 / temperature", 1.0 / temperature, contrast)
-    row_lse = RowLogSumExp.apply(anchors, contrast, scale, True, resolve_backend(backend, contrast), shards)
+        call.layout(anchors, contrast)
+        scale = call.scale("1 / temperature", 1.0 / temperature)
+        call.agree(views=view_count, labelled=labels is not None, contrast_mode=contrast_mode,
+                   temperature=temperature, base_temperature=base_temperature)
+    plan = call.plan(exclude_diagonal=True)
+    shards = plan.shards
+    # "all": the contrast rows against themselves (one tensor, not the same one twice).
+    row_lse = _core.row_logsumexp(anchors, None if contrast_mode == "all" else contrast, scale, plan)
 
-    # Labels as indices into the classes of every rank (a sample without a label: its own class).
+    # Every rank's contrast rows' labels (a sample without a label: its own class), numbered the same
+    # way on every rank; the class sums run over every rank's rows.
     sample_labels = labels if labels is not None else torch.arange(n, device=contrast.device) + shards.key_offset
-    contrast_labels = sample_labels.repeat(view_count)
-    classes = torch.unique(shards.gather_detached(contrast_labels))
-    contrast_class = torch.searchsorted(classes, contrast_labels)
-    class_sums = shards.sum(torch.zeros(len(classes), contrast.shape[1], dtype=dtype, device=contrast.device)
-                            .index_add(0, contrast_class, contrast.to(dtype)))
-    class_sizes = shards.sum(torch.bincount(contrast_class, minlength=len(classes)))
-    anchor_class = contrast_class[:anchors.shape[0]]
+    every_label = shards.gather_detached(sample_labels.repeat(view_count))
+    every_class = _core.group_ids(every_label)
+    own_class = every_class[shards.key_offset:shards.key_offset + contrast.shape[0]]
+    dtype = scale.dtype
+    class_sums = shards.sum(contrast.new_zeros(every_label.shape[0], dim, dtype=dtype)
+                            .index_add(0, own_class, contrast.to(dtype)))
+    class_sizes = torch.zeros(every_label.shape[0], dtype=dtype, device=contrast.device).index_add_(
+        0, every_class, torch.ones_like(every_class, dtype=dtype))
+    anchor_class = own_class[:anchors.shape[0]]
     positives = class_sizes[anchor_class] - 1  # the anchor's own row is in its class, not a positive of it
     anchor_features = anchors.to(dtype)
     positive_sum = scale * torch.sum(anchor_features * (class_sums[anchor_class] - anchor_features), dim=1)
@@ -114,5 +101,5 @@ def supcon_loss(
     if reduction == "sum":
         return losses.sum() * shards.world_size
     # Sharded: world_size times this rank's share of the mean over every rank's anchors with a positive.
-    counted = shards.sum(has_positive.sum())
+    counted = shards.sum(has_positive.sum().to(dtype))
     return losses.sum() * shards.world_size / counted.clamp(min=1)

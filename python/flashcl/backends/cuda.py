@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .fused import KERNEL_DTYPES, FusedKernels, exp_weighted_products_fake, lse_forward_fake
+from .fused import KERNEL_DTYPES, FusedKernels, lse_forward_fake, softplus_sums_fake, weighted_products_fake
 
 BUILD_HINT = "build it with FLASHCL_BUILD_CUDA=1 pip install --no-build-isolation ."
 
@@ -21,7 +21,8 @@ def load_extension() -> Optional[str]:
     except ImportError as error:  # never built, or built against another torch (undefined symbols)
         return f"the CUDA extension flashcl._C is not importable ({error}); {BUILD_HINT}"
     torch.library.register_fake("flashcl::lse_forward")(lse_forward_fake)
-    torch.library.register_fake("flashcl::exp_weighted_products")(exp_weighted_products_fake)
+    torch.library.register_fake("flashcl::softplus_sums")(softplus_sums_fake)
+    torch.library.register_fake("flashcl::weighted_products")(weighted_products_fake)
     return None
 
 
@@ -48,5 +49,5 @@ def make(deterministic: Optional[bool] = None) -> FusedKernels:
     error = extension_error()
     if error is not None:
         raise RuntimeError(error)
-    return FusedKernels("cuda", torch.ops.flashcl.lse_forward, torch.ops.flashcl.exp_weighted_products,
-                        deterministic, sigmoid=True)
+    ops = torch.ops.flashcl
+    return FusedKernels("cuda", ops.lse_forward, ops.weighted_products, ops.softplus_sums, deterministic)

@@ -1,24 +1,23 @@
-"""The two primitives from two fused kernels: what the Triton and CUDA backends share.
+"""The two primitives from fused kernels: what the Triton and CUDA backends share.
 
-A kernel family brings two operators (registered with torch.library, so torch.compile
+A kernel family brings three operators (registered with torch.library, so torch.compile
 sees them as opaque nodes with fake implementations):
 
     lse_forward(x, y, scale, exclude_diagonal, merge_columns) -> (row_lse, col_lse)
-        fp32 row LSE of S = scale * x @ y.T; with merge_columns also its column LSE, from
-        the same pass (else col_lse comes back empty).
-    exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                          positives_by, exclude_diagonal, row_start, row_end) -> fp32 (row_end - row_start, D)
-        rows [row_start, row_end) of G @ b, with
-        G_rc = row_w_r exp(S_rc - row_off_r) + col_w_c exp(S_rc - col_off_c) + positives,
-        S = scale * a @ b.T, and the positive pairs given by row (positives_by=1: row r's
-        positive is column pos_index[r]) or by column (2: column c's positive is row pos_index[c]).
+        primitive 1: fp32 row LSE of S = scale * x @ y.T; with merge_columns also its column
+        LSE, from the same pass (else col_lse comes back empty).
+    softplus_sums(x, y, scale, bias, exclude_diagonal) -> (softplus_sums, sigmoid_sums)
+        primitive 1' (the sigmoid family): fp32 row sums of softplus(S + bias) and of
+        sigmoid(S + bias), bias a one-element fp32 tensor.
+    weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                      positives_by, exclude_diagonal, row_start, row_end, sigmoid) -> fp32 (row_end - row_start, D)
+        the product of primitive 2: rows [row_start, row_end) of G @ b, with
+        G_rc = row_w_r f(S_rc - row_off_r) + col_w_c f(S_rc - col_off_c) + positives,
+        S = scale * a @ b.T, f = exp (sigmoid=False) or the logistic sigmoid, and the positive
+        pairs given by row (positives_by=POSITIVES_BY_ROW: row r's positive is column
+        pos_index[r]) or by column (POSITIVES_BY_COLUMN: column c's positive is row pos_index[c]).
 
-A family with the sigmoid function as well (sigmoid=True) takes two more keywords, in the same
-kernels: lse_forward(..., bias=b) returns the row sums of softplus(S + b) and of sigmoid(S + b)
-instead of (row LSE, column LSE), and exp_weighted_products(..., sigmoid=True) puts sigmoid
-where G has exp.
-
-`FusedKernels` turns those into primitive 2: dx is the products of (x, y); dy the products
+`FusedKernels` turns those into the primitives: dx is the products of (x, y); dy the products
 of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks whose fp32 output stays
 within SCRATCH_BYTES (see `rows_per_chunk`).
 """
@@ -33,18 +32,25 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what both kern
 SCRATCH_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 128
 ROWS_PER_MULTIPROCESSOR = 64  # the smallest row block of the product kernels
+# weighted_products' positives_by, here once for both families: the Triton kernel reads these names,
+# csrc/launchers.h has them as kNoPositives, kPositivesByRow, kPositivesByColumn (a test compares).
 NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
 
 
-def lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns, bias=None):
+def lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns):
     """The shapes lse_forward returns, for torch.compile's fake tensors."""
-    second = x.shape[0] if bias is not None else y.shape[0] if merge_columns else 0
-    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(second, dtype=torch.float32)
+    return (x.new_empty(x.shape[0], dtype=torch.float32),
+            x.new_empty(y.shape[0] if merge_columns else 0, dtype=torch.float32))
 
 
-def exp_weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
-                               exclude_diagonal, row_start, row_end, sigmoid=False):
-    """The shape exp_weighted_products returns, for torch.compile's fake tensors."""
+def softplus_sums_fake(x, y, scale, bias, exclude_diagonal):
+    """The shapes softplus_sums returns, for torch.compile's fake tensors."""
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
+                           exclude_diagonal, row_start, row_end, sigmoid=False):
+    """The shape weighted_products returns, for torch.compile's fake tensors."""
     return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
 
 
@@ -71,20 +77,22 @@ def resolve_deterministic(deterministic: Optional[bool]) -> bool:
 
 
 class FusedKernels:
-    """Primitives 1 and 2 of DESIGN.md from a kernel family's two operators.
+    """Primitives 1, 1' and 2 of docs/design.md from a kernel family's operators.
 
     deterministic (default: torch.are_deterministic_algorithms_enabled()) makes the LSEs
     bit-identical run to run; the products always are. A family whose kernels are
     autotuned must also pin their config when deterministic (the Triton backend does).
     """
 
-    def __init__(self, name: str, lse_forward: Callable, exp_weighted_products: Callable,
-                 deterministic: Optional[bool] = None, sigmoid: bool = False):
+    def __init__(self, name: str, lse_forward: Callable, weighted_products: Callable,
+                 softplus_sums: Optional[Callable] = None, deterministic: Optional[bool] = None):
         self.name = name
         self._lse_forward = lse_forward
-        self._products = exp_weighted_products
+        self._softplus_sums = softplus_sums
+        self._products = weighted_products
         self.deterministic = resolve_deterministic(deterministic)
-        self.functions = ("exp", "sigmoid") if sigmoid else ("exp",)
+        # The sigmoid family needs its forward operator; its products take a flag of the same operator.
+        self.functions = ("exp", "sigmoid") if softplus_sums is not None else ("exp",)
 
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
             exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -98,22 +106,22 @@ class FusedKernels:
 
     def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
                       exclude_diagonal: bool = False) -> Tuple[Tensor, Tensor]:
-        return self._lse_forward(x, y, scale, exclude_diagonal, False, bias=bias.reshape(1))
+        return self._softplus_sums(x, y, scale, bias.reshape(1), exclude_diagonal)
 
     def _chunks(self, a: Tensor, b: Tensor, scale: Tensor, row_term, col_term, positives, positives_by,
                 exclude_diagonal, function):
         """(rows, G[rows] @ b) in fp32, a chunk of rows at a time."""
         (w, off), (v, q) = row_term or (None, None), col_term or (None, None)
         index, coeff = positives or (None, None)
-        sigmoid = {"sigmoid": True} if function == "sigmoid" else {}  # a family without it never gets here
         chunk = rows_per_chunk(a.shape[1], _multiprocessors(a.device))
         for start in range(0, a.shape[0], chunk):
             end = min(start + chunk, a.shape[0])
             yield slice(start, end), self._products(
                 a, b, scale, w, off, v, q, index, coeff,
-                positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end, **sigmoid)
+                positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end,
+                function == "sigmoid")
 
-    def exp_weighted_grad(
+    def weighted_grad(
         self, x: Tensor, y: Tensor, scale: Tensor, *,
         a: Optional[Tensor] = None, o: Optional[Tensor] = None,
         b: Optional[Tensor] = None, p: Optional[Tensor] = None,

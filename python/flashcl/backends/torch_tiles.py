@@ -123,7 +123,7 @@ def _weights(logits, a, o, b, p, i: slice, j: slice, function: str) -> Tensor:
 
 
 class TorchTiles:
-    """Primitives 1 and 2 of DESIGN.md in chunked PyTorch, for both weight functions."""
+    """Primitives 1, 1' and 2 of docs/design.md in chunked PyTorch, for both weight functions."""
 
     name = "torch"
     functions = tuple(WEIGHT_FUNCTIONS)
@@ -183,7 +183,7 @@ class TorchTiles:
                 slopes[i] += torch.sigmoid(logits).sum(dim=1)
         return sums, slopes
 
-    def exp_weighted_grad(
+    def weighted_grad(
         self,
         x: Tensor,
         y: Tensor,

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .fused import KERNEL_DTYPES, FusedKernels, exp_weighted_products_fake, lse_forward_fake, resolve_deterministic
+from .fused import (KERNEL_DTYPES, FusedKernels, lse_forward_fake, resolve_deterministic, softplus_sums_fake,
+                    weighted_products_fake)
 
 # Decided once, at import: torch.compile then reads a constant instead of tracing a lookup.
 INSTALLED = importlib.util.find_spec("triton") is not None
@@ -37,42 +38,54 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 # kernels they call are imported, and compiled, on first use.
 # fixed_config: launch one config instead of the autotuner's choice, which can differ between
 # processes and with it the summation order (deterministic runs pass it).
-# bias: the sigmoid family's row sums of softplus(S + bias) and sigmoid(S + bias) instead of the LSEs.
 @torch.library.custom_op("flashcl::triton_lse_forward", mutates_args=())
-def lse_forward(x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool,
-                merge_columns: bool, fixed_config: bool = False, bias: Optional[Tensor] = None
-                ) -> Tuple[Tensor, Tensor]:
+def lse_forward(x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool, merge_columns: bool,
+                fixed_config: bool = False) -> Tuple[Tensor, Tensor]:
     from flashcl.triton_kernels.lse_forward import lse_forward as launch
 
-    return launch(x, y, scale, exclude_diagonal, merge_columns, fixed_config, bias)
+    return launch(x, y, scale, exclude_diagonal, merge_columns, fixed_config)
 
 
 @lse_forward.register_fake
-def _(x, y, scale, exclude_diagonal, merge_columns, fixed_config=False, bias=None):
-    return lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns, bias)
+def _(x, y, scale, exclude_diagonal, merge_columns, fixed_config=False):
+    return lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns)
 
 
-@torch.library.custom_op("flashcl::triton_exp_weighted_products", mutates_args=())
-def exp_weighted_products(
+@torch.library.custom_op("flashcl::triton_softplus_sums", mutates_args=())
+def softplus_sums(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, exclude_diagonal: bool,
+                  fixed_config: bool = False) -> Tuple[Tensor, Tensor]:
+    from flashcl.triton_kernels.softplus_sums import softplus_sums as launch
+
+    return launch(x, y, scale, bias, exclude_diagonal, fixed_config)
+
+
+@softplus_sums.register_fake
+def _(x, y, scale, bias, exclude_diagonal, fixed_config=False):
+    return softplus_sums_fake(x, y, scale, bias, exclude_diagonal)
+
+
+@torch.library.custom_op("flashcl::triton_weighted_products", mutates_args=())
+def weighted_products(
         a: Tensor, b: Tensor, scale: Tensor, row_w: Optional[Tensor], row_off: Optional[Tensor],
         col_w: Optional[Tensor], col_off: Optional[Tensor], pos_index: Optional[Tensor],
         pos_coeff: Optional[Tensor], positives_by: int, exclude_diagonal: bool, row_start: int,
-        row_end: int, fixed_config: bool = False, sigmoid: bool = False) -> Tensor:
-    from flashcl.triton_kernels.exp_weighted_backward import exp_weighted_products as launch
+        row_end: int, sigmoid: bool = False, fixed_config: bool = False) -> Tensor:
+    from flashcl.triton_kernels.weighted_products import weighted_products as launch
 
     return launch(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                  positives_by, exclude_diagonal, row_start, row_end, fixed_config, sigmoid)
+                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, fixed_config)
 
 
-@exp_weighted_products.register_fake
+@weighted_products.register_fake
 def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by, exclude_diagonal,
-      row_start, row_end, fixed_config=False, sigmoid=False):
-    return exp_weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                                      positives_by, exclude_diagonal, row_start, row_end, sigmoid)
+      row_start, row_end, sigmoid=False, fixed_config=False):
+    return weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                                  positives_by, exclude_diagonal, row_start, row_end, sigmoid)
 
 
 def make(deterministic: Optional[bool] = None) -> FusedKernels:
     deterministic = resolve_deterministic(deterministic)
-    return FusedKernels("triton", functools.partial(lse_forward, fixed_config=deterministic),
-                        functools.partial(exp_weighted_products, fixed_config=deterministic), deterministic,
-                        sigmoid=True)
+    pinned = dict(fixed_config=deterministic)
+    return FusedKernels("triton", functools.partial(lse_forward, **pinned),
+                        functools.partial(weighted_products, **pinned),
+                        functools.partial(softplus_sums, **pinned), deterministic)

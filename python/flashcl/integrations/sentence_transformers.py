@@ -42,26 +42,12 @@ try:  # sentence-transformers >= 6 keeps its losses per model type
 except ImportError:  # pragma: no cover - older layouts
     from sentence_transformers import losses as _st_losses
 
+from .. import checks
 from ..cached import cached_loss
 from ..losses import row_logsumexp
 
 SIMILARITIES = {util.cos_sim: "cosine", util.dot_score: "dot"}
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query")
-
-
-def _check(similarity_fct, directions, hardness_mode, hardness_strength) -> str:
-    kind = SIMILARITIES.get(similarity_fct)
-    if kind is None:
-        name = getattr(similarity_fct, "__name__", repr(similarity_fct))
-        raise ValueError(f"similarity_fct={name}: flashcl fuses cosine similarity (util.cos_sim) and the dot product "
-                         "(util.dot_score) only; use sentence_transformers' own loss for other similarities")
-    unsupported = [d for d in directions if d not in DIRECTIONS]
-    if unsupported:
-        raise ValueError(f"directions={tuple(directions)}: flashcl supports {DIRECTIONS}, not {unsupported} (doc_to_doc "
-                         "masks each query's own documents, a block flashcl's kernels do not leave out)")
-    if hardness_mode is not None and hardness_strength:
-        raise ValueError(f"hardness_mode={hardness_mode!r} is not supported by flashcl's fused loss")
-    return kind
 
 
 def _group(gather_across_devices: bool):
@@ -74,8 +60,7 @@ def ranking_loss(embeddings, scale: float, similarity: str, directions, partitio
                  group=None, backend: Optional[str] = None) -> Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss from the columns' embeddings
     (anchors, positives, hard negatives...): the mean over this rank's anchors of l_i above."""
-    if len(embeddings) < 2:
-        raise ValueError(f"expected the anchors' and at least the positives' embeddings, got {len(embeddings)} column")
+    checks.check_columns(len(embeddings))
     if similarity == "cosine":
         embeddings = [F.normalize(e, dim=-1) for e in embeddings]
     queries, positives = embeddings[0], embeddings[1]
@@ -104,7 +89,8 @@ class MultipleNegativesRankingLoss(_st_losses.MultipleNegativesRankingLoss):
     def __init__(self, model, scale: float = 20.0, similarity_fct=util.cos_sim, gather_across_devices: bool = False,
                  directions=("query_to_doc",), partition_mode: str = "joint", hardness_mode=None,
                  hardness_strength: float = 0.0, *, backend: Optional[str] = None) -> None:
-        self._similarity = _check(similarity_fct, directions, hardness_mode, hardness_strength)
+        self._similarity = checks.check_ranking_options(similarity_fct, SIMILARITIES, directions, DIRECTIONS,
+                                                        hardness_mode, hardness_strength)
         super().__init__(model, **_parent_kwargs(
             _st_losses.MultipleNegativesRankingLoss, scale=scale, similarity_fct=similarity_fct,
             gather_across_devices=gather_across_devices, directions=directions, partition_mode=partition_mode,
@@ -149,11 +135,11 @@ class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRanki
                  mini_batch_num_tokens: Optional[int] = None, gather_across_devices: bool = False,
                  directions=("query_to_doc",), partition_mode: str = "joint", show_progress_bar: bool = False,
                  hardness_mode=None, hardness_strength: float = 0.0, *, backend: Optional[str] = None) -> None:
-        similarity = _check(similarity_fct, directions, hardness_mode, hardness_strength)
-        if mini_batch_num_tokens is not None:
-            raise ValueError("mini_batch_num_tokens is not supported by flashcl's cached loss; use mini_batch_size")
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        similarity = checks.check_ranking_options(similarity_fct, SIMILARITIES, directions, DIRECTIONS,
+                                                  hardness_mode, hardness_strength)
+        checks.check_supported(mini_batch_num_tokens is None,
+                               "mini_batch_num_tokens is not supported by flashcl's cached loss; use mini_batch_size")
+        checks.check_positive_int("mini_batch_size", mini_batch_size)
         super().__init__(model, **_parent_kwargs(
             _st_losses.CachedMultipleNegativesRankingLoss, scale=scale, similarity_fct=similarity_fct,
             mini_batch_size=mini_batch_size, gather_across_devices=gather_across_devices, directions=directions,
@@ -163,8 +149,7 @@ class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRanki
 
     def forward(self, sentence_features: Iterable[dict], labels: Tensor = None) -> Tensor:
         columns = list(sentence_features)
-        if len(columns) < 2:
-            raise ValueError(f"Expected at least 2 inputs, got {len(columns)}")
+        checks.check_columns(len(columns))
         encoder = _Embed(self)
         directions = getattr(self, "directions", ("query_to_doc",))
         partition_mode = getattr(self, "partition_mode", "joint")

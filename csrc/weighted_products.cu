@@ -40,7 +40,7 @@ struct BackwardBuffers<T, false> {
 __device__ __forceinline__ float weight(float z, bool sigmoid) { return sigmoid ? stable_sigmoid(z) : __expf(z); }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) exp_weighted_products_kernel(Matrix<T> a, Matrix<T> b, int64_t dim,
+__global__ void __launch_bounds__(kThreads) weighted_products_kernel(Matrix<T> a, Matrix<T> b, int64_t dim,
                                                                          ProductTerms terms, float* out,
                                                                          int64_t row_start, int64_t row_end) {
   __shared__ BackwardBuffers<T> buf;
@@ -135,14 +135,14 @@ cudaError_t launch(const ProductArgs& args, cudaStream_t stream) {
   const Matrix<T> a{static_cast<const T*>(args.a), args.n_rows, args.a_row_stride, args.a_col_stride};
   const Matrix<T> b{static_cast<const T*>(args.b), args.n_cols, args.b_row_stride, args.b_col_stride};
   const dim3 grid(static_cast<unsigned>((args.row_end - args.row_start + kBlockR - 1) / kBlockR));
-  exp_weighted_products_kernel<T><<<grid, kThreads, 0, stream>>>(a, b, args.dim, args.terms, args.out,
+  weighted_products_kernel<T><<<grid, kThreads, 0, stream>>>(a, b, args.dim, args.terms, args.out,
                                                                   args.row_start, args.row_end);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_exp_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream) {
+cudaError_t launch_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto element) { return launch<decltype(element)>(args, stream); });
 }
 

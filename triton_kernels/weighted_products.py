@@ -1,11 +1,10 @@
-"""Primitive 2 in Triton: G @ b for the exp-weighted G of DESIGN.md, S recomputed tile by tile.
+"""Primitive 2 in Triton: G @ b for the weighted G of docs/design.md, S recomputed tile by tile.
 
     G_rc = w_r f(S_rc - off_r) + v_c f(S_rc - q_c) + k  where the positive (r, c) pair has coefficient k
 
-with f = exp, or sigmoid for the sigmoid family (SIGMOID),
-S = s * a @ b.T. One program owns BLOCK_R rows; it sweeps all column blocks,
-recomputes the S tile over D, forms the G tile and adds G_tile @ b[cols] into its own
-rows of an fp32 output, one BLOCK_D slice at a time (D may be any size, so the row
+with f = exp, or sigmoid for the sigmoid family (SIGMOID), S = s * a @ b.T.
+One program owns BLOCK_R rows; it sweeps all column blocks, recomputes the S tile over D,
+forms the G tile and adds G_tile @ b[cols] into its own rows of an fp32 output, one BLOCK_D slice at a time (D may be any size, so the row
 accumulator lives in the output, not in registers). No two programs write the same
 row, so there are no atomics and the result is bit-identical run to run.
 
@@ -17,12 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from flashcl.backends.fused import POSITIVES_BY_COLUMN as _BY_COLUMN, POSITIVES_BY_ROW as _BY_ROW
+
 from ._config import backward_configs, check_row_counts, dot_precision, launch, size_bucket, upcast
-from .lse_forward import scaled_logit_tile, weight_function
+from ._tiles import scaled_logit_tile, weight_function
+
+# The positives' layouts, as the operator's positives_by gives them (defined once, in fused.py).
+POSITIVES_BY_ROW: tl.constexpr = tl.constexpr(_BY_ROW)
+POSITIVES_BY_COLUMN: tl.constexpr = tl.constexpr(_BY_COLUMN)
 
 
 @triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
-def _exp_weighted_matmul_kernel(
+def _weighted_products_kernel(
     a_ptr, b_ptr, out_ptr, scale_ptr,
     row_w_ptr, row_off_ptr, col_w_ptr, col_off_ptr, pos_index_ptr, pos_coeff_ptr,
     row_start, row_end, n_cols, dim,
@@ -40,7 +45,7 @@ def _exp_weighted_matmul_kernel(
     if HAS_ROW_TERM:
         row_w = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)
         row_off = tl.load(row_off_ptr + rows, mask=row_ok, other=0.0)
-    if POSITIVES == 1:  # by row: row r's positive is column pos_index[r]
+    if POSITIVES == POSITIVES_BY_ROW:  # row r's positive is column pos_index[r]
         row_target = tl.load(pos_index_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         row_coeff = tl.load(pos_coeff_ptr + rows, mask=row_ok, other=0.0)
 
@@ -60,9 +65,9 @@ def _exp_weighted_matmul_kernel(
         if EXCLUDE_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
         g = tl.where(keep, g, 0.0)  # where, not a product: an excluded f may be inf
-        if POSITIVES == 1:
+        if POSITIVES == POSITIVES_BY_ROW:
             g += tl.where(row_target[:, None] == cols[None, :], row_coeff[:, None], 0.0)
-        if POSITIVES == 2:  # by column: column c's positive is row pos_index[c]
+        if POSITIVES == POSITIVES_BY_COLUMN:  # column c's positive is row pos_index[c]
             col_target = tl.load(pos_index_ptr + cols, mask=col_ok, other=-1).to(tl.int32)
             col_coeff = tl.load(pos_coeff_ptr + cols, mask=col_ok, other=0.0)
             g += tl.where(col_target[None, :] == rows[:, None], col_coeff[None, :], 0.0)
@@ -95,23 +100,23 @@ def _exp_weighted_matmul_kernel(
         tl.debug_barrier()
 
 
-_exp_weighted_matmul_tuned = triton.autotune(
+_weighted_products_tuned = triton.autotune(
     configs=backward_configs(),
     key=["dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
          "SIGMOID", "PRECISION"],
     reset_to_zero=["out_ptr"],
-)(_exp_weighted_matmul_kernel)
+)(_weighted_products_kernel)
 
 
-def exp_weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                          positives_by, exclude_diagonal, row_start, row_end, fixed_config=False, sigmoid=False):
+def weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
+                      positives_by, exclude_diagonal, row_start, row_end, sigmoid=False, fixed_config=False):
     """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract);
     fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
     check_row_counts(a.shape[0], b.shape[0])
     out = torch.zeros(row_end - row_start, a.shape[1], dtype=torch.float32, device=a.device)
     absent = scale  # stands in for the pointers of a term the constexpr flags switch off
     grid = lambda meta: (triton.cdiv(row_end - row_start, meta["BLOCK_R"]),)
-    launch(_exp_weighted_matmul_tuned, grid,
+    launch(_weighted_products_tuned, grid,
            (a, b, out, scale,
             absent if row_w is None else row_w, absent if row_off is None else row_off,
             absent if col_w is None else col_w, absent if col_off is None else col_off,
