@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import flashcl
+from flashcl import primitives
 
 try:  # property-based tests (tests/test_properties.py): a fixed, derandomized set in CI
     from hypothesis import HealthCheck, settings
@@ -95,11 +96,35 @@ def generator():
     return torch.Generator(DEVICE).manual_seed(0)
 
 
+# FLASHCL_REQUIRE_BACKENDS=torch,triton (set by .ci/run) makes a backend that cannot run here a
+# failure instead of a skip line.
+REQUIRED_BACKENDS = {name for name in os.environ.get("FLASHCL_REQUIRE_BACKENDS", "").split(",") if name}
+
+
+def missing_backend(backend):
+    """A backend that cannot run on the test device: a skip that says why, or None when it runs (or is
+    required, so that its tests run and fail)."""
+    why = primitives.unavailable_reason(backend, DEVICE)
+    if why is None or backend in REQUIRED_BACKENDS:
+        return None
+    return pytest.mark.skip(reason=f"the {backend} backend cannot run on {DEVICE.type} here: {why}")
+
+
+def backend_params(names=None):
+    """Every backend (or those named) as pytest params; one that cannot run here is a visible skip."""
+    return [pytest.param(name, id=name, marks=[mark for mark in [missing_backend(name)] if mark])
+            for name in (names or primitives.backend_names())]
+
+
 def backend_cases(dtypes, tilings=({},)):
-    """(backend, dtype, tiling) triples for every backend available on the test device. Tilings only
-    mean something to the torch backend; the Triton kernels take no fp64."""
+    """(backend, dtype, tiling) triples for every backend on the test device (one that cannot run here
+    is a skip line). Tilings only mean something to the torch backend; the Triton kernels take no fp64."""
     cases = []
-    for backend in flashcl.available_backends(DEVICE):
+    for backend in primitives.backend_names():
+        skip = missing_backend(backend)
+        if skip is not None:
+            cases.append(pytest.param(backend, None, {}, id=f"{backend}-unavailable", marks=skip))
+            continue
         for dtype in dtypes:
             if backend not in flashcl.available_backends(DEVICE, dtype):
                 continue

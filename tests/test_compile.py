@@ -1,37 +1,49 @@
-"""torch.compile traces every loss on every backend in one graph, and the compiled code computes the same."""
+"""torch.compile traces every public loss (tests/registry.py) forward and backward into one graph
+(fullgraph=True) on every backend, and the compiled code computes the same numbers."""
 import pytest
 import torch
 
 import flashcl
-from conftest import DEVICE, unit_rows
+from conftest import backend_params
+from registry import REGISTRY, Batch, ids, make_batch
 
-LOSSES = {
-    "infonce": lambda x, y, s, backend: flashcl.infonce_loss(x, y, s, torch.arange(x.shape[0], device=x.device).flip(0),
-                                                             backend=backend),
-    "clip": lambda x, y, s, backend: flashcl.clip_loss(x, y, s, backend=backend),
-    "nt_xent": lambda x, y, s, backend: flashcl.nt_xent_loss(x, y, s, reduction="sum", backend=backend),
-}
+BACKENDS = backend_params()
 
 
-@pytest.mark.parametrize("backend", flashcl.available_backends(DEVICE))
-@pytest.mark.parametrize("name", LOSSES)
-def test_one_graph_and_same_numbers(backend, name, generator):
+def differentiable(batch, entry):
+    return batch.replace(**{k: getattr(batch, k).detach().clone().requires_grad_() for k in Batch.FEATURES},
+                         scale=batch.scale.detach().clone().requires_grad_(entry.learnable_scale))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
+def test_one_graph_and_same_numbers(entry, backend):
+    if backend != "torch" and not entry.takes_backend:
+        pytest.skip(f"{entry.name} runs no primitive")
     torch._dynamo.reset()
-    x, y = unit_rows(48, 16, generator).requires_grad_(), unit_rows(48, 16, generator).requires_grad_()
-    s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+    options = dict(backend=backend) if entry.takes_backend else {}
+    eager_fn, compiled_fn = entry.loss_fn(**options), entry.loss_fn(**options)  # modules may hold state
 
-    def step(x, y, s):
-        return LOSSES[name](x, y, s, backend)
+    def step(loss_fn, x, y, z, keys, private, scale):
+        args, kwargs = entry.arguments(batch.replace(x=x, y=y, z=z, keys=keys, private=private, scale=scale))
+        return entry.output(loss_fn(*args, **kwargs))
 
-    explanation = torch._dynamo.explain(step)(x, y, s)
-    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    batch = differentiable(make_batch(n=24, d=8), entry)
+    tensors = [getattr(batch, k) for k in (*Batch.FEATURES, "scale")]
     # aot_eager traces forward and backward through the operators' fake implementations.
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    want = step(x, y, s)
-    got = compiled(x, y, s)
+    compiled = torch.compile(lambda *t: step(compiled_fn, *t), backend="aot_eager", fullgraph=True)
+    want, got = step(eager_fn, *tensors), compiled(*tensors)
     torch.testing.assert_close(got, want)
-    for g, w in zip(torch.autograd.grad(got, (x, y, s)), torch.autograd.grad(want, (x, y, s))):
-        torch.testing.assert_close(g, w)
+    wrt = [t for t in tensors if t.requires_grad]
+    got_grads = torch.autograd.grad(got.sum(), wrt, allow_unused=True)
+    want_grads = torch.autograd.grad(want.sum(), wrt, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w)
+    if isinstance(eager_fn, torch.nn.Module):  # state updated alike (GammaContrastiveLoss's running estimates)
+        for (key, a), b in zip(eager_fn.state_dict().items(), compiled_fn.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{key}: {m}")
 
 
 def test_tiling_scopes_nest():

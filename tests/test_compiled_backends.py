@@ -8,19 +8,18 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, assert_close, check_against_reference, unit_rows
+from conftest import DEVICE, assert_close, backend_params, check_against_reference, unit_rows
 from flashcl.backends import cuda as cuda_backend, fused, triton as triton_backend
 from flashcl.primitives import resolve_backend
 
 MAKE = {"triton": triton_backend.make, "cuda": cuda_backend.make}
-COMPILED = [name for name in MAKE if name in flashcl.available_backends(DEVICE)]
-pytestmark = pytest.mark.skipif(not COMPILED, reason="neither Triton nor the CUDA extension can run here")
+COMPILED = list(MAKE)  # each a skip line where it cannot run (conftest.backend_params)
 HALF_AND_FP32 = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,m,d", [(1, 7, 3), (33, 130, 48), (130, 33, 100)])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_infonce(backend, dtype, n, m, d, generator):
     queries, keys = unit_rows(n, d, generator), unit_rows(m, d, generator)
     targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
@@ -31,7 +30,7 @@ def test_infonce(backend, dtype, n, m, d, generator):
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,d", [(7, 3), (130, 48)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_clip(backend, dtype, n, d, reduction, generator):
     image = unit_rows(n, d, generator)
     text = unit_rows(n, d, generator, like=image)
@@ -41,7 +40,7 @@ def test_clip(backend, dtype, n, d, reduction, generator):
 
 @pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
 @pytest.mark.parametrize("n,d", [(1, 5), (33, 100)])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_nt_xent(backend, dtype, n, d, generator):
     z1 = unit_rows(n, d, generator)
     z2 = unit_rows(n, d, generator, like=z1)
@@ -50,7 +49,7 @@ def test_nt_xent(backend, dtype, n, d, generator):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_strided_inputs(backend, layout, generator):
     base = unit_rows(40, 24, generator)
     image = {"transposed": lambda: base.T.contiguous().T,
@@ -62,7 +61,7 @@ def test_strided_inputs(backend, layout, generator):
                             backend=backend)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_deterministic_mode_is_bit_identical_and_agrees(backend, generator):
     x, y, s = unit_rows(70, 20, generator), unit_rows(50, 20, generator), torch.tensor(20.0, device=DEVICE)
     exact = resolve_backend("torch", x)
@@ -79,7 +78,7 @@ def test_deterministic_mode_is_bit_identical_and_agrees(backend, generator):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_deterministic_follows_torch_setting(backend):
     previous = torch.are_deterministic_algorithms_enabled()
     try:
@@ -91,7 +90,7 @@ def test_deterministic_follows_torch_setting(backend):
         torch.use_deterministic_algorithms(previous)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_large_chunked_backward_matches(backend, generator, monkeypatch):
     """Rows beyond one scratch chunk: the chunk loop must cover every row exactly once."""
     monkeypatch.setattr(fused, "SCRATCH_BYTES", 4 * 16 * 128)  # 128-row chunks at D = 16
@@ -270,7 +269,7 @@ def test_autotuned_kernels_match(dtype, generator):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_tensors_on_another_device_than_the_current_one(backend, generator):
     """Kernels launch on the tensors' device and its current stream, not the current device's."""
     image = unit_rows(200, 64, generator).to("cuda:1").requires_grad_()

@@ -4,6 +4,15 @@ import torch
 
 import flashcl
 from flashcl import primitives
+from conftest import DEVICE, REQUIRED_BACKENDS
+from registry import REGISTRY, ids, make_batch
+
+
+def test_required_backends_run_here():
+    """FLASHCL_REQUIRE_BACKENDS (CI sets torch,triton): a backend that cannot run is a failure, not a skip."""
+    missing = {name: primitives.unavailable_reason(name, DEVICE) for name in sorted(REQUIRED_BACKENDS)
+               if primitives.unavailable_reason(name, DEVICE) is not None}
+    assert not missing, f"required backends that cannot run here: {missing}"
 
 
 def test_torch_backend_always_available():
@@ -54,17 +63,21 @@ def test_unavailable_backend_names_what_is_available(monkeypatch):
     assert "gpu-only" in flashcl.available_backends("cuda")
 
 
-def test_every_public_function_takes_backend():
-    x = torch.randn(4, 3, device="cpu")
-    for call in (lambda b: flashcl.infonce_loss(x, x, 2.0, backend=b),
-                 lambda b: flashcl.clip_loss(x, x, 2.0, backend=b),
-                 lambda b: flashcl.nt_xent_loss(x, x, 2.0, backend=b),
-                 lambda b: flashcl.ClipLoss(backend=b)(x, x, 2.0),
-                 lambda b: flashcl.InfoNCELoss(backend=b)(x, x, 2.0),
-                 lambda b: flashcl.NTXentLoss(backend=b)(x, x)):
-        assert torch.isfinite(call("torch"))
-        with pytest.raises(ValueError, match="backend='nope'"):
-            call("nope")
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.takes_backend], ids=ids([e for e in REGISTRY
+                                                                                    if e.takes_backend]))
+def test_every_public_loss_takes_backend(entry):
+    batch = make_batch(6, 3)
+    assert torch.isfinite(entry(batch, backend="torch")).all()
+    with pytest.raises(ValueError, match=r"^backend='nope' is not a flashcl backend"):
+        entry(batch, backend="nope")
+
+
+def test_losses_without_a_backend_say_so():
+    """A loss that runs no primitive takes no backend= argument (the registry says which)."""
+    for entry in REGISTRY:
+        if not entry.takes_backend:
+            with pytest.raises(TypeError, match="backend"):
+                entry(make_batch(6, 3), backend="torch")
 
 
 def test_triton_not_installed_is_an_error_naming_it(monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flashcl
+from registry import REGISTRY, ids, make_batch
 
 LOSSES = {
     "infonce": (flashcl.infonce_loss, ("queries", "keys"), "scale"),
@@ -18,6 +19,24 @@ LOSSES = {
 def features(n=4, d=3, device="cpu", **kwargs):
     """CPU tensors: the messages name the device, and validation runs before any device work."""
     return torch.randn(n, d, device=device, **kwargs)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    ([[1.0, 2.0, 3.0]], TypeError, "must be a torch.Tensor"),
+    (torch.randn(4), ValueError, "must be"),
+    (torch.ones(4, 3, 2, 1), ValueError, "must be"),
+    (torch.ones(4, 3, dtype=torch.int64), TypeError, "must have dtype"),
+], ids=["list", "1-D", "4-D", "int64"])
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
+def test_every_public_loss_names_its_bad_first_argument(entry, bad, error, message):
+    """Whatever the loss, a bad first argument is an error naming it, raised before any state changes."""
+    args, kwargs = entry.arguments(make_batch(4, 3))
+    loss_fn = entry.loss_fn()
+    before = [t.clone() for t in loss_fn.state_dict().values()] if isinstance(loss_fn, torch.nn.Module) else []
+    with pytest.raises(error, match=f"^{entry.first_argument} {message}"):
+        loss_fn(bad, *args[1:], **kwargs)
+    after = list(loss_fn.state_dict().values()) if before else []
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 @pytest.fixture(params=LOSSES)

@@ -1,12 +1,12 @@
-"""Nothing N x M is ever allocated, in forward or backward: every tensor any op creates is recorded."""
+"""Nothing N x M is ever allocated, in forward or backward, by any public loss (tests/registry.py):
+every tensor any op creates is recorded."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import flashcl
-import reference
-from conftest import DEVICE, unit_rows
+from registry import REGISTRY, Batch, ids, make_batch
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -26,50 +26,45 @@ class LargestAllocation(TorchDispatchMode):
 
 
 N, M, D = 384, 512, 8  # N*M = 196608 elements, far above (N + M) * D = 7168
-
-CALLS = {
-    "infonce": (lambda x, y, s: flashcl.infonce_loss(x, y, s), lambda x, y, s: reference.infonce(x, y, s)),
-    "clip": (lambda x, y, s: flashcl.clip_loss(x, y[:N], s), lambda x, y, s: reference.clip(x, y[:N], s)),
-    "nt_xent": (lambda x, y, s: flashcl.nt_xent_loss(x, y[:N], s), lambda x, y, s: reference.nt_xent(x, y[:N], s)),
-    "siglip": (lambda x, y, s: flashcl.siglip_loss(x, y[:N], s, s - 12),
-               lambda x, y, s: reference.sigmoid_pairs(x, y[:N], s, s - 12)),
-    # Views [x; y[:N]] of N samples in 3 classes: the class sums are 3 x D.
-    "supcon": (lambda x, y, s: flashcl.supcon_loss(torch.stack([x, y[:N].to(x.dtype)], 1), LABELS, 1 / 7),
-               lambda x, y, s: reference.supcon(torch.stack([x, y[:N]], 1), LABELS, 1 / 7)),
-}
-LABELS = torch.arange(N, device=DEVICE) % 3
+# Largest allowed besides a tile: an O((N + M) D) matrix (NT-Xent's [z1; z2], SupCon's 2N views and
+# their class sums, the gathered candidates).
+LINEAR = 2 * max(N, M) * D
 
 
-def forward_backward(loss_fn, generator, dtype=torch.float32):
-    x = unit_rows(N, D, generator, dtype).requires_grad_()
-    y = unit_rows(M, D, generator, dtype).requires_grad_()
-    s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+def forward_backward(entry, dtype=torch.float32, reference=False):
+    batch = make_batch(N, D, m=M, dtype=torch.float64 if reference else dtype)
+    batch = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
+                          scale=batch.scale.requires_grad_(entry.learnable_scale))
+    loss_fn = None if reference else entry.loss_fn()  # a module's state is allocated outside the recording
     with LargestAllocation() as largest:
-        loss_fn(x, y, s).backward()
+        if reference:
+            loss = entry.expected(batch)
+        else:
+            args, kwargs = entry.arguments(batch)
+            loss = entry.output(loss_fn(*args, **kwargs))
+        loss.sum().backward()
     return largest
 
 
-@pytest.mark.parametrize("name", CALLS)
-def test_detector_sees_the_materialized_matrix(name, generator):
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
+def test_detector_sees_the_materialized_matrix(entry):
     """The recorder would catch an N x M tensor: the textbook loss trips it."""
-    largest = forward_backward(CALLS[name][1], generator)
-    assert largest.numel >= N * N
+    assert forward_backward(entry, reference=True).numel >= N * N
 
 
-@pytest.mark.parametrize("name", CALLS)
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_forced_tiles_bound_every_allocation(name, dtype, generator):
+def test_forced_tiles_bound_every_allocation(entry, dtype):
     with flashcl.tiling(block_rows=32, block_cols=64):
-        largest = forward_backward(CALLS[name][0], generator, dtype)
-    # Largest allowed: a 32 x 64 tile, or an O((N + M) * D) vector/matrix (NT-Xent's [z1; z2]).
-    assert largest.numel <= max(32 * 64, 2 * max(N, M) * D)
+        largest = forward_backward(entry, dtype)
+    assert largest.numel <= max(32 * 64, LINEAR)
 
 
-@pytest.mark.parametrize("name", CALLS)
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
 @pytest.mark.parametrize("budget", [2**16, 2**18])
-def test_memory_budget_bounds_every_tile(name, budget, generator):
+def test_memory_budget_bounds_every_tile(entry, budget):
     with flashcl.tiling(memory_budget=budget):
-        largest = forward_backward(CALLS[name][0], generator)
+        largest = forward_backward(entry)
     tile_elements = budget // (4 * flashcl.backends.torch_tiles.TILE_BUFFERS)
-    assert largest.numel <= max(tile_elements, 2 * max(N, M) * D)
+    assert largest.numel <= max(tile_elements, LINEAR)
     assert largest.numel < N * N // 4

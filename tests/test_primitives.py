@@ -4,11 +4,11 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, TOLERANCE, assert_close, backend_cases, unit_rows
+from conftest import DEVICE, TOLERANCE, assert_close, backend_cases, backend_params, unit_rows
 from flashcl.backends.torch_tiles import MIN_BLOCK, TILE_BUFFERS, Tiling, choose_tiles
 from flashcl.primitives import resolve_backend
 
-BACKENDS = flashcl.available_backends(DEVICE)
+BACKENDS = backend_params()
 SHAPES = [(1, 1, 1), (1, 9, 5), (7, 7, 3), (33, 130, 48), (130, 33, 100), (200, 200, 17)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TILINGS = [dict(), dict(block_rows=16, block_cols=16), dict(block_rows=7, block_cols=50)]
@@ -236,3 +236,62 @@ def test_lse_of_an_infinite_logit_is_nan_as_in_softmax(backend, generator):
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
     assert_close(rows[[0, 1, 3, 4, 5]], want_rows[[0, 1, 3, 4, 5]], torch.float32, "other rows", magnitude=10.0)
     assert torch.equal(torch.isfinite(cols), torch.isfinite(want_cols))  # columns the infinity reaches
+
+
+# -- the sigmoid family: primitive 2 with f = sigmoid, and primitive 1' ----------------------------------------
+
+SIGMOID_CASES = backend_cases([torch.float64, torch.float32, torch.float16, torch.bfloat16], TILINGS[:2])
+
+
+def sigmoid_inputs(n, m, dtype, x, y, s, generator, bias):
+    """Signed weights of both terms and offsets near -bias (where SigLIP puts them), and signed positives."""
+    stats = s.dtype
+    a = torch.randn(n, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
+    b = torch.randn(m, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
+    o = (-bias + torch.randn(n, generator=generator, dtype=torch.float64, device=DEVICE)).to(stats)
+    p = (-bias + torch.randn(m, generator=generator, dtype=torch.float64, device=DEVICE)).to(stats)
+    targets = torch.randint(0, m, (n,), generator=generator, device=DEVICE)
+    c = torch.randn(n, generator=generator, dtype=torch.float64, device=DEVICE).to(stats)
+    return a, o, b, p, (targets, c)
+
+
+@pytest.mark.parametrize("n,m,d,exclude", [(1, 1, 1, False), (7, 7, 3, True), (33, 70, 48, False), (70, 33, 17, True),
+                                           (40, 90, 12, True)])
+@pytest.mark.parametrize("backend,dtype,tiles", SIGMOID_CASES)
+def test_sigmoid_weighted_grad(backend, dtype, tiles, n, m, d, exclude, generator):
+    """G = a_i sigmoid(S - o_i) + b_j sigmoid(S - p_j) + positives: row and column terms, with and without
+    the diagonal (i, i), i < min(N, M), against the materialized float64 G."""
+    x, y, s = inputs(n, m, d, dtype, generator)
+    a, o, b, p, positives = sigmoid_inputs(n, m, dtype, x, y, s, generator, bias=-4.0)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x, "sigmoid")
+    for terms in (dict(a=a, o=o), dict(b=b, p=p), dict(a=a, o=o, b=b, p=p, positives=positives)):
+        ref = reference.weighted_grad(x, y, s, **terms, exclude_diagonal=exclude, function="sigmoid")
+        got = impl.weighted_grad(x, y, s, **terms, exclude_diagonal=exclude, need_dx=True, need_dy=True,
+                                 need_ds=True, function="sigmoid")
+        assert got[0].dtype == x.dtype and got[1].dtype == y.dtype and got[2].dtype == s.dtype
+        # sigmoid <= 1: a row of G sums at most m |a| + |b| terms, a column n of them.
+        size = (a.abs().max() + b.abs().max() + positives[1].abs().max()).item()
+        for name, g, r, count in (("dx", got[0], ref[0], m), ("dy", got[1], ref[1], n), ("ds", got[2], ref[2], n * m)):
+            assert_close(g, r, dtype, f"{name} {sorted(terms)}", magnitude=2 * float(s) * size * count / (
+                float(s) if name == "ds" else 1))
+
+
+@pytest.mark.parametrize("n,m,d,exclude", [(1, 1, 1, False), (7, 7, 3, True), (33, 70, 48, True), (70, 33, 17, True),
+                                           (50, 50, 9, False)])
+@pytest.mark.parametrize("backend,dtype,tiles", SIGMOID_CASES)
+def test_softplus_sums(backend, dtype, tiles, n, m, d, exclude, generator):
+    """Primitive 1': the row sums of softplus(S + bias) and sigmoid(S + bias), with and without the
+    diagonal, square and rectangular, against the materialized float64 sums."""
+    x, y, s = inputs(n, m, d, dtype, generator)
+    with flashcl.tiling(**tiles):
+        impl = resolve_backend(backend, x, "sigmoid")
+    for bias in (-10.0, 0.0, 3.0):
+        want_softplus, want_sigmoid = reference.softplus_sums(x, y, s, bias, exclude)
+        got_softplus, got_sigmoid = impl.softplus_sums(x, y, s, torch.tensor(bias, dtype=s.dtype, device=DEVICE),
+                                                       exclude_diagonal=exclude)
+        assert got_softplus.dtype == got_sigmoid.dtype == s.dtype
+        # Each of the m terms is at most |S| + |bias| + log 2 (softplus) or 1 (sigmoid).
+        assert_close(got_softplus, want_softplus, dtype, f"softplus sums, bias {bias}",
+                     magnitude=m * (float(s) + abs(bias) + 1))
+        assert_close(got_sigmoid, want_sigmoid, dtype, f"sigmoid sums, bias {bias}", magnitude=m)

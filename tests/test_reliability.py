@@ -8,33 +8,35 @@ import torch.nn.functional as F
 
 import flashcl
 import reference
-from conftest import DEVICE, TOLERANCE
+from conftest import DEVICE, TOLERANCE, backend_params
 from flashcl.primitives import resolve_backend
+from registry import REGISTRY, Batch, ids, make_batch
 
-BACKENDS = flashcl.available_backends(DEVICE)
-
-
-def textbook(name, x, y, scale):
-    return {"clip": lambda: reference.clip(x, y, scale), "infonce": lambda: reference.infonce(x, y, scale),
-            "nt_xent": lambda: reference.nt_xent(x, y, scale)}[name]()
+BACKENDS = backend_params()
+# The extreme-value and non-finite tests bound softmax cross-entropies of scale * x . y logits.
+SOFTMAX = [entry for entry in REGISTRY if entry.softmax_logits]
 
 
-def flash(name, x, y, scale, backend):
-    return {"clip": flashcl.clip_loss, "infonce": flashcl.infonce_loss, "nt_xent": flashcl.nt_xent_loss}[name](
-        x, y, scale, backend=backend)
+def batch_of(x, y, scale, dtype):
+    """A registry batch around two feature matrices (candidates: y then x; z and private: y)."""
+    keys = torch.cat([y, x])
+    return make_batch(x.shape[0], x.shape[1], m=keys.shape[0], dtype=dtype).replace(
+        x=x.to(dtype), y=y.to(dtype), z=y.to(dtype), keys=keys.to(dtype), private=y.to(dtype),
+        scale=torch.tensor(scale, dtype=torch.promote_types(dtype, torch.float32), device=DEVICE))
 
 
-def losses_and_gradients(name, x, y, scale, backend):
+def losses_and_gradients(entry, x, y, scale, backend, dtype=torch.float32):
     """(flashcl's loss and gradients of x, y and scale; the float64 textbook's, on the same inputs)."""
-    leaves = [x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()]
-    s = torch.tensor(scale, dtype=torch.promote_types(x.dtype, torch.float32), device=DEVICE, requires_grad=True)
-    loss = flash(name, *leaves, s, backend)
-    got = [loss.detach(), *torch.autograd.grad(loss, [*leaves, s])]
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, y)]
-    ref_s = s.detach().double().requires_grad_()
-    want_loss = textbook(name, *ref_leaves, ref_s)
-    want = [want_loss.detach(), *torch.autograd.grad(want_loss, [*ref_leaves, ref_s])]
-    return got, want
+    results = []
+    for mine in (True, False):
+        batch = batch_of(x, y, scale, dtype if mine else torch.float64)
+        batch = batch.replace(x=batch.x.requires_grad_(), y=batch.y.requires_grad_(),
+                              scale=batch.scale.requires_grad_())
+        loss = entry(batch, backend=backend) if mine else entry.expected(batch)
+        grads = torch.autograd.grad(loss, [batch.x, batch.y, batch.scale], allow_unused=True)
+        results.append([loss.detach(), *(torch.zeros_like(t) if g is None else g
+                                         for g, t in zip(grads, (batch.x, batch.y, batch.scale)))])
+    return results
 
 
 def assert_matches(got, want, dtype, magnitudes, what):
@@ -68,21 +70,21 @@ EXTREMES = {
 }
 
 
-@pytest.mark.parametrize("name", ["clip", "infonce", "nt_xent"])
+@pytest.mark.parametrize("entry", SOFTMAX, ids=ids(SOFTMAX))
 @pytest.mark.parametrize("case", EXTREMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_values(backend, case, name):
+def test_extreme_values(backend, case, entry):
     x, y, scale, dtype = EXTREMES[case]()
     if dtype not in [d for d in (torch.float16, torch.bfloat16, torch.float32) if backend in
                      flashcl.available_backends(DEVICE, d)]:
         pytest.skip(f"{backend} does not take {dtype}")
     x, y = x.to(dtype), y.to(dtype)
-    got, want = losses_and_gradients(name, x, y, scale, backend)
+    got, want = losses_and_gradients(entry, x, y, scale, backend, dtype)
     assert all(torch.isfinite(w).all() for w in want), "the textbook loss is finite on every case here"
     r = max(x.double().norm(dim=1).max().item(), y.double().norm(dim=1).max().item(), 1e-30)
     n = x.shape[0]
     assert_matches(got, want, dtype, [scale * r * r, 4 * scale * r * (1 + 1 / n), 4 * scale * r * r / scale * 2,
-                                      2 * r * r], f"{case}, {name}")
+                                      2 * r * r], f"{case}, {entry.name}")
 
 
 NON_FINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
@@ -91,16 +93,16 @@ NON_FINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the deliberate NaN and inf
 @pytest.mark.parametrize("value", NON_FINITE)
 @pytest.mark.parametrize("where", ["x", "y"])
-@pytest.mark.parametrize("name", ["clip", "infonce", "nt_xent"])
+@pytest.mark.parametrize("entry", SOFTMAX, ids=ids(SOFTMAX))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_input_gives_the_textbook_result(backend, name, where, value):
+def test_non_finite_input_gives_the_textbook_result(backend, entry, where, value):
     """A NaN or an infinity in an input: the loss and each gradient entry are non-finite exactly where
     the float64 textbook loss's are (NaN loss, NaN gradients where they belong), and equal elsewhere."""
     x, y = unit(12, 6, 20), unit(12, 6, 21)
     (x if where == "x" else y)[3, 2] = NON_FINITE[value]
-    got, want = losses_and_gradients(name, x, y, 7.0, backend)
+    got, want = losses_and_gradients(entry, x, y, 7.0, backend)
     assert not torch.isfinite(want[0]), "the textbook loss is not finite"
-    assert_matches(got, want, torch.float32, [7.0, 28.0, 28.0, 2.0], f"{value} in {where}, {name}")
+    assert_matches(got, want, torch.float32, [7.0, 28.0, 28.0, 2.0], f"{value} in {where}, {entry.name}")
 
 
 def test_non_finite_scale_is_an_error():
@@ -110,31 +112,27 @@ def test_non_finite_scale_is_an_error():
             flashcl.clip_loss(x, x, value)
 
 
-LOSSES = {
-    "clip": lambda x, y, s, b: flashcl.clip_loss(x, y, s, backend=b),
-    "infonce": lambda x, y, s, b: flashcl.infonce_loss(x, torch.cat([y, x]), s, backend=b),
-    "nt_xent": lambda x, y, s, b: flashcl.nt_xent_loss(x, y, s, backend=b),
-    "gamma": lambda x, y, s, b: flashcl.gamma_weighted_loss(x, y, s, torch.zeros(x.shape[0], device=DEVICE),
-                                                            torch.zeros(x.shape[0], device=DEVICE),
-                                                            exclude_positive=True, backend=b).loss,
-    "regularizers": lambda x, y, s, b: flashcl.ModalityStructureLoss(1.0, 1.0, 1.0, backend=b)(
-        x, y, s, image_aug=x.flip(0), image_private=y.flip(0)),
-}
+def determinism_cases():
+    return [pytest.param(entry, backend.values[0], id=f"{entry.name}-{backend.id}", marks=backend.marks)
+            for entry in REGISTRY for backend in BACKENDS if backend.values[0] == "torch" or entry.takes_backend]
 
 
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_mode_is_bit_identical(backend, name):
+@pytest.mark.parametrize("entry,backend", determinism_cases())
+def test_deterministic_mode_is_bit_identical(entry, backend):
     """torch.use_deterministic_algorithms(True): ten forward + backward runs, bit for bit the same."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    options = dict(backend=backend) if entry.takes_backend else {}
     try:
         runs = []
         for _ in range(10):
-            x, y = unit(70, 12, 30).requires_grad_(), unit(70, 12, 31).requires_grad_()
-            s = torch.tensor(9.0, device=DEVICE, requires_grad=True)
-            loss = LOSSES[name](x, y, s, backend)
-            runs.append([loss.detach(), *torch.autograd.grad(loss, (x, y, s))])
+            batch = make_batch(70, 12, scale=9.0)
+            leaves = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
+                                   scale=batch.scale.requires_grad_(entry.learnable_scale))
+            loss = entry(leaves, **options)
+            wrt = [getattr(leaves, k) for k in Batch.FEATURES] + ([leaves.scale] if entry.learnable_scale else [])
+            grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            runs.append([loss.detach(), *(g for g in grads if g is not None)])
     finally:
         torch.use_deterministic_algorithms(previous)
     for run in runs[1:]:

@@ -89,6 +89,17 @@ def _why_not(entry: _Entry, device: torch.device, dtype: torch.dtype) -> Optiona
     return entry.missing() or entry.unavailable(device, dtype)
 
 
+def unavailable_reason(name: str, device: Union[str, torch.device] = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """Why the backend `name` cannot compute the primitives for these tensors here, or None."""
+    return _why_not(_BACKENDS[name], torch.device(device), dtype)
+
+
+def backend_names() -> List[str]:
+    """Every backend flashcl has, available here or not, in `auto`'s order of preference."""
+    return list(_BACKENDS)
+
+
 def available_backends(device: Union[str, torch.device] = "cpu",
                        dtype: torch.dtype = torch.float32) -> List[str]:
     """The backends that can compute the primitives for tensors of this device and dtype."""
