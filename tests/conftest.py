@@ -28,8 +28,14 @@ except ImportError:
 
 DEVICE = torch.device(TEST_DEVICE)
 
-# Per-dtype tolerances against a float64 reference (DESIGN.md, "Precision").
+# Per-dtype tolerances against a float64 reference (docs/design.md, "Precision").
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def slow_if_large(shapes, rows=500):
+    """pytest params of shapes (tuples whose first entry is the row count), marked slow from `rows` on."""
+    return [pytest.param(*shape, marks=[pytest.mark.slow] if shape[0] >= rows else [], id="-".join(map(str, shape)))
+            for shape in shapes]
 
 
 def unit_rows(n, d, generator, dtype=torch.float32, like=None, noise=0.5):
@@ -49,6 +55,21 @@ def assert_close(actual, expected, dtype, what="", magnitude=0.0):
     expected = expected.double()
     atol = tol * max(expected.abs().max().item(), magnitude, 1e-30)
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_norm_close(actual, expected, tol, what=""):
+    """Tensors (or lists of them) within `tol` of the expected ones in norm-wise relative error over all of
+    them together: for comparisons with another library's fp32 results, whose rounding (and summation
+    order, which changes with the thread count) differs entry by entry; the size of the whole gradient
+    is the size of the terms that cancel in any one entry."""
+    actual = [actual] if isinstance(actual, torch.Tensor) else list(actual)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors, expected {len(expected)}"
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+    error = torch.sqrt(sum(((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected))).item()
+    size = torch.sqrt(sum((e.double() ** 2).sum() for e in expected)).item()
+    assert error <= tol * max(size, 1e-30), f"{what}: norm-wise relative error {error / max(size, 1e-30):.3g} > {tol}"
 
 
 # "one tile": the default budget covers the test sizes; "tiles": ragged small tiles force

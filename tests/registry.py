@@ -47,13 +47,17 @@ class Batch:
     FEATURES = ("x", "y", "z", "keys", "private")  # the floating inputs that may take gradients
 
     def replace(self, **tensors) -> "Batch":
-        return dataclasses.replace(self, **tensors)
+        """A copy with some inputs replaced (by hand, not dataclasses.replace: torch.compile traces this)."""
+        return Batch(**{field: tensors.get(field, getattr(self, field)) for field in FIELDS})
 
     def to(self, dtype) -> "Batch":
         """Features in dtype (the scale in the statistics dtype), as fresh leaves."""
         wide = torch.promote_types(dtype, torch.float32)
         return self.replace(**{k: getattr(self, k).detach().to(dtype) for k in self.FEATURES},
                             log_u=self.log_u.to(wide), scale=self.scale.detach().to(wide))
+
+
+FIELDS = [field.name for field in dataclasses.fields(Batch)]
 
 
 def make_batch(n: int = 24, d: int = 8, m: Optional[int] = None, dtype=torch.float32, scale: float = 7.0,
@@ -78,6 +82,8 @@ class Entry:
     reference: Callable[..., torch.Tensor]  # (float64 batch[, reduction]) -> the materialized loss
     first_argument: str  # the name flashcl's messages give the first positional argument
     reductions: Tuple[str, ...] = ()  # the values of its reduction= option; () when it has none
+    dtypes: Tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # of its features
+    magnitude: float = 20.0  # bounds the terms that cancel in its value and gradients on make_batch()'s inputs
     takes_backend: bool = True
     takes_group: bool = True
     learnable_scale: bool = True  # Batch.scale is an argument, and gets a gradient
@@ -147,10 +153,10 @@ REGISTRY = [
           softmax_logits=True),
     Entry("siglip_loss", lambda b: ((b.x, b.y, b.scale, BIAS), {}),
           lambda b, reduction="mean": reference.sigmoid_pairs(b.x, b.y, b.scale, BIAS, reduction), "image_features",
-          REDUCTIONS, function="sigmoid"),
+          REDUCTIONS, function="sigmoid", magnitude=200.0),  # an image's loss sums n softplus terms
     Entry("supcon_loss", lambda b: ((_views(b), b.labels, SUPCON_TEMPERATURE), {}),
           lambda b, reduction="mean": reference.supcon(_views(b), b.labels, SUPCON_TEMPERATURE, reduction=reduction),
-          "features", REDUCTIONS, learnable_scale=False),
+          "features", REDUCTIONS, learnable_scale=False, magnitude=40.0),
     Entry("row_logsumexp", lambda b: ((b.x, b.keys, b.scale), {}),
           lambda b: reference.row_logsumexp(b.x, b.keys, b.scale), "queries"),
     Entry("gamma_weighted_loss", lambda b: ((b.x, b.y, b.scale, b.log_u), {"exclude_positive": True}),
@@ -162,7 +168,7 @@ REGISTRY = [
           takes_backend=False, learnable_scale=False),
     Entry("brownian_bridge_loss", lambda b: ((b.x, b.y, b.z), {}),
           lambda b, reduction="mean": reference.brownian_bridge(b.x, b.y, b.z, reduction=reduction), "image",
-          REDUCTIONS, learnable_scale=False),
+          REDUCTIONS, learnable_scale=False, magnitude=40.0),
     Entry("feature_separation_loss", lambda b: ((b.x, b.private), {}),
           lambda b: reference.feature_separation(b.x, b.private), "shared", learnable_scale=False),
     Entry("ClipLoss", lambda b: ((b.x, b.y, b.scale), {}),
@@ -175,15 +181,17 @@ REGISTRY = [
           takes_group=False, learnable_scale=False),
     Entry("SigLipLoss", lambda b: ((b.x, b.y, b.scale, BIAS), {}),
           lambda b: reference.sigmoid_pairs(b.x, b.y, b.scale, BIAS), "image_features",
-          takes_group=False, function="sigmoid"),
+          takes_group=False, function="sigmoid", magnitude=200.0),
     Entry("SupConLoss", lambda b: ((_views(b), b.labels), {}),
           lambda b, reduction="mean": reference.supcon(_views(b), b.labels, SUPCON_TEMPERATURE, reduction=reduction),
-          "features", REDUCTIONS, learnable_scale=False, constructor=dict(temperature=SUPCON_TEMPERATURE)),
+          "features", REDUCTIONS, learnable_scale=False, constructor=dict(temperature=SUPCON_TEMPERATURE),
+          magnitude=40.0),
     Entry("GammaContrastiveLoss", lambda b: ((b.x, b.y, b.scale, b.index), {}), _gamma_module_reference,
           "features_a", constructor=dict(num_samples=1024, shape=math.inf), exact_as=torch.float32),
     Entry("ModalityStructureLoss",
           lambda b: ((b.x, b.y, b.scale), dict(image_aug=b.z, image_private=b.private)),
-          _modality_structure_reference, "image_features", constructor=dict(geometric=1.0, bridge=1.0, separation=1.0)),
+          _modality_structure_reference, "image_features", constructor=dict(geometric=1.0, bridge=1.0, separation=1.0),
+          magnitude=100.0),
 ]
 REGISTRY_BY_NAME = {entry.name: entry for entry in REGISTRY}
 

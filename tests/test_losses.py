@@ -4,7 +4,7 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, TILINGS, assert_close, check_against_reference, unit_rows
+from conftest import DEVICE, TILINGS, assert_close, check_against_reference, slow_if_large, unit_rows
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -13,7 +13,7 @@ INFONCE_SHAPES = [(1, 1, 1), (1, 7, 64), (7, 7, 3), (7, 129, 64), (64, 1000, 129
                   (1000, 1000, 7), (129, 64, 7)]
 
 
-@pytest.mark.parametrize("n,m,d", INFONCE_SHAPES)
+@pytest.mark.parametrize("n,m,d", slow_if_large(INFONCE_SHAPES, rows=129))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tiles", TILINGS)
 def test_infonce(n, m, d, dtype, tiles, generator):
@@ -40,7 +40,7 @@ def test_infonce_explicit_targets_with_repeats(dtype, generator):
 CLIP_SHAPES = [(1, 1), (1, 64), (7, 1000), (64, 7), (129, 129), (1000, 64), (1000, 1000)]
 
 
-@pytest.mark.parametrize("n,d", CLIP_SHAPES)
+@pytest.mark.parametrize("n,d", slow_if_large(CLIP_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tiles", TILINGS)
 def test_clip(n, d, dtype, tiles, generator):
@@ -51,7 +51,7 @@ def test_clip(n, d, dtype, tiles, generator):
                                 reduction, tiles)
 
 
-@pytest.mark.parametrize("n,d", [(1, 7), (7, 1), (64, 129), (129, 64), (500, 1000)])
+@pytest.mark.parametrize("n,d", slow_if_large([(1, 7), (7, 1), (64, 129), (129, 64), (500, 1000)]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tiles", TILINGS)
 def test_nt_xent(n, d, dtype, tiles, generator):

@@ -1,4 +1,4 @@
-"""The two primitives of DESIGN.md, on every backend available here, against the materialized reference."""
+"""The primitives of docs/design.md, on every backend available here, against the materialized reference."""
 import pytest
 import torch
 

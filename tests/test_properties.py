@@ -357,6 +357,7 @@ def test_torch_backend(entry, data):
     run_case(entry, data, "torch", 300, 300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params(["triton"]))
 @pytest.mark.parametrize("entry", INTERPRETED, ids=ids(INTERPRETED))
 @settings(max_examples=settings().max_examples // 2 or 1)

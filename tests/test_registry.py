@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flashcl
-from conftest import assert_close
+from conftest import DEVICE, assert_close, backend_params
 from registry import NOT_LOSSES, REGISTRY, Batch, ids, make_batch
 
 
@@ -46,3 +46,36 @@ def test_reference_agrees_in_float64(entry):
             if grad is not None:
                 assert_close(grad, want_grads[name], entry.exact_as, f"{entry.name} {reduction} grad {name}",
                              magnitude=10.0)
+
+
+def dtype_cases():
+    cases = []
+    for entry in REGISTRY:
+        for backend in backend_params():
+            name = backend.values[0]
+            if name != "torch" and not entry.takes_backend:
+                continue
+            for dtype in entry.dtypes:
+                cases.append(pytest.param(entry, name, dtype, id=f"{entry.name}-{backend.id}-{str(dtype)[6:]}",
+                                          marks=backend.marks))
+    return cases
+
+
+@pytest.mark.parametrize("entry,backend,dtype", dtype_cases())
+def test_every_dtype_on_every_backend(entry, backend, dtype):
+    """Each dtype the registry gives a loss, on each backend: the loss in the statistics dtype, every
+    gradient in its input's dtype, within the dtype's tolerance of the float64 reference."""
+    if dtype not in [d for d in entry.dtypes if backend in flashcl.available_backends(DEVICE, d)]:
+        pytest.skip(f"the {backend} backend takes no {dtype}")
+    batch = make_batch(n=13, d=5, m=17)
+    for reduction in entry.reductions or (None,):
+        loss, grads = gradients(entry, batch.to(dtype), reduction, backend=backend)
+        want, want_grads = gradients(entry, batch.to(torch.float64), reduction)
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tolerance = max(dtype, entry.exact_as, key=lambda d: torch.finfo(d).eps)
+        assert_close(loss, want, tolerance, f"{entry.name} {reduction} loss", magnitude=entry.magnitude)
+        for name, grad in grads.items():
+            if grad is not None:
+                assert grad.dtype == (dtype if name != "scale" else loss.dtype), name
+                assert_close(grad, want_grads[name], tolerance, f"{entry.name} {reduction} grad {name}",
+                             magnitude=entry.magnitude)

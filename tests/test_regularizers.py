@@ -7,12 +7,12 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, assert_close, backend_params, unit_rows
+from conftest import DEVICE, assert_close, backend_params, slow_if_large, unit_rows
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, D): N < D, N = D, N > D, ragged; N * N * D stays small enough for the explicit references.
-SHAPES = [(1, 5), (2, 3), (7, 3), (33, 64), (48, 48), (130, 300), (257, 17), (1000, 17)]
+SHAPES = slow_if_large([(1, 5), (2, 3), (7, 3), (33, 64), (48, 48), (130, 300), (257, 17), (1000, 17)], rows=130)
 
 
 def paired_views(n, d, generator, count):
@@ -104,7 +104,7 @@ def test_brownian_bridge_rewards_the_bridge(generator):
 
 
 # Feature separation: orthogonality terms of size ~1; uniformity logits of size ~ 4u.
-@pytest.mark.parametrize("n,d", [shape for shape in SHAPES if shape[0] >= 2])
+@pytest.mark.parametrize("n,d", [shape for shape in SHAPES if shape.values[0] >= 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feature_separation(backend, n, d, dtype, generator):

@@ -113,7 +113,9 @@ def test_non_finite_scale_is_an_error():
 
 
 def determinism_cases():
-    return [pytest.param(entry, backend.values[0], id=f"{entry.name}-{backend.id}", marks=backend.marks)
+    # Ten runs through Triton's interpreter take seconds: those are "slow".
+    return [pytest.param(entry, backend.values[0], id=f"{entry.name}-{backend.id}",
+                         marks=[*backend.marks, *([pytest.mark.slow] if backend.values[0] != "torch" else [])])
             for entry in REGISTRY for backend in BACKENDS if backend.values[0] == "torch" or entry.takes_backend]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.scripts
+
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resources.py"

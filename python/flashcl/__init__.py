@@ -1,4 +1,6 @@
 """flashcl: exact contrastive losses that never materialize the N x M similarity matrix."""
+from importlib.metadata import PackageNotFoundError, version
+
 from .backends.torch_tiles import tiling
 from .cached import CachedLoss, cached_loss
 from .gamma import GammaContrastiveLoss
@@ -10,7 +12,10 @@ from .regularizers import (ModalityStructureLoss, brownian_bridge_loss, feature_
 from .siglip import siglip_loss
 from .supcon import supcon_loss
 
-__version__ = "0.1.0"
+try:  # the one version string is pyproject.toml's
+    __version__ = version("flashcl")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CachedLoss",

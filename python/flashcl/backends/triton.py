@@ -2,9 +2,10 @@
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (Triton's numpy
 interpreter, for tests). Inputs fp16, bf16 or fp32; statistics and accumulation fp32.
-"""
-from __future__ import annotations
 
+No `from __future__ import annotations` here: torch.library.custom_op reads the operators'
+signatures from their annotations, and torch 2.4 takes them only as types, not strings.
+"""
 import functools
 import importlib.util
 import os
