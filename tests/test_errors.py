@@ -234,3 +234,13 @@ def test_siglip_module_bad_arguments(kwargs, message):
 def test_distributed_siglip_loss_needs_an_initialized_process_group():
     with pytest.raises(RuntimeError, match=r"SigLipLoss\(world_size=2\) needs torch.distributed initialized"):
         flashcl.SigLipLoss(rank=0, world_size=2)(features(), features(), 2.0, -1.0)
+
+
+@pytest.mark.parametrize("value", [-2.3, 0.0, torch.tensor(-1.5)], ids=["negative", "zero", "tensor"])
+def test_a_log_scale_gets_a_hint(value):
+    """open_clip keeps log(scale) as its parameter; passing it instead of its exp() is the likeliest way
+    to a non-positive logit_scale, and the message says what to do."""
+    with pytest.raises(ValueError, match=r"^logit_scale must be finite and > 0, got .*; it is the multiplier "
+                                         r"itself: if .* is a log-scale \(open_clip's logit_scale parameter\), "
+                                         r"pass logit_scale.exp\(\)$"):
+        flashcl.clip_loss(features(), features(), value)

@@ -18,7 +18,8 @@ For example, the CLIP loss:
         call.reduction(reduction)
         scale = call.scale("logit_scale", logit_scale)
         call.targets(None)  # pair i <-> i
-    return contrastive_loss(image, text, scale, call.positions, call.plan(reduction=reduction, symmetric=True)).loss
+    plan = call.plan(reduction=reduction, symmetric=True)
+    return contrastive_loss(image, text, scale, call.positions, plan).loss
 
 With S = s * x @ y.T, r = row log-sum-exp, c = column log-sum-exp, t_i the column of row i's positive
 and K the number of terms in a row's denominator, the per-anchor loss of one direction is

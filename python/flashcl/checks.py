@@ -125,6 +125,12 @@ def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool =
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
 
 
+def check_enough_rows(name: str, features: Tensor, other_name: str, rows: int) -> None:
+    """At least as many rows in `name` as `other_name` has (`rows`): row i of one pairs with row i of the other."""
+    if features.shape[0] < rows:
+        raise ValueError(f"{name} needs at least as many rows as {other_name} ({rows}), got {features.shape[0]}")
+
+
 def check_views(name: str, features: Tensor) -> Tensor:
     """SupCon's features: (N, V, D) (V views per sample) or (N, D) (one view), as (N, V, D)."""
     if not isinstance(features, Tensor):

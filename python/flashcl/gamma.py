@@ -141,8 +141,7 @@ class GammaContrastiveLoss(nn.Module):
             call.features("features_a", features_a, "features_b", features_b,
                           same_rows=self.symmetric or self.exclude_positive)
             n = features_a.shape[0]
-            if features_b.shape[0] < n:
-                raise ValueError(f"features_b needs at least as many rows as features_a ({n}), got {features_b.shape[0]}")
+            checks.check_enough_rows("features_b", features_b, "features_a", n)  # row i pairs with row i
             index = checks.check_dataset_index(index, n, self.num_samples).to(self.log_z_a.device)
             scale = call.scale("scale", scale)
             call.targets(None)
