@@ -176,3 +176,17 @@ def test_kernel_arguments_are_checked(call, message):
     x, s = torch.randn(5, 4, device="cuda"), torch.tensor(2.0, device="cuda")
     with pytest.raises(RuntimeError, match=message):
         call(x, s)
+
+
+def test_positives_layouts_agree_with_the_python_side():
+    """weighted_products' positives_by values live in flashcl.backends.fused (the Triton kernel reads
+    them there); the CUDA header has its own copy, which must say the same."""
+    import re
+
+    from flashcl.backends import fused
+
+    header = (ROOT / "csrc" / "launchers.h").read_text()
+    found = dict(re.findall(r"(kNoPositives|kPositivesByRow|kPositivesByColumn) = (\d+)", header))
+    assert {name: int(value) for name, value in found.items()} == {
+        "kNoPositives": fused.NO_POSITIVES, "kPositivesByRow": fused.POSITIVES_BY_ROW,
+        "kPositivesByColumn": fused.POSITIVES_BY_COLUMN}
