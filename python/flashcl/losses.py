@@ -64,7 +64,7 @@ def infonce_loss(
         targets: (N,) integer index of each query's positive key; default i -> i (needs M >= N).
             With a group, indices into the concatenation of every rank's keys.
         reduction: "mean" | "sum" | "none" (per-query losses, shape (N,)).
-        backend: "auto" | "torch"; default $FLASHCL_BACKEND or "auto".
+        backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
         group: a torch.distributed process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
@@ -97,7 +97,7 @@ def clip_loss(
         image_features, text_features: (N, D) each, row i of one the positive of row i of the other.
         logit_scale: the multiplier itself (open_clip's ``logit_scale.exp()``), a float or 0-d tensor.
         reduction: "mean" | "sum" | "none" (per-pair losses 1/2 (l_i2t + l_t2i), shape (N,)).
-        backend: "auto" | "torch"; default $FLASHCL_BACKEND or "auto".
+        backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
         group: a torch.distributed process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
@@ -130,7 +130,7 @@ def nt_xent_loss(
         z1, z2: (N, D) the two views, row i of each from the same example.
         scale: inverse temperature 1/tau, a float or 0-d tensor.
         reduction: "mean" | "sum" | "none" (shape (2N,): anchors z1 then z2).
-        backend: "auto" | "torch"; default $FLASHCL_BACKEND or "auto".
+        backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
         group: a torch.distributed process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
