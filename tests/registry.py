@@ -50,6 +50,10 @@ class Batch:
         """A copy with some inputs replaced (by hand, not dataclasses.replace: torch.compile traces this)."""
         return Batch(**{field: tensors.get(field, getattr(self, field)) for field in FIELDS})
 
+    def on(self, device) -> "Batch":
+        """Every tensor on `device` (e.g. "meta", whose tensors hold no values)."""
+        return Batch(**{field: getattr(self, field).to(device) for field in FIELDS})
+
     def to(self, dtype) -> "Batch":
         """Features in dtype (the scale in the statistics dtype), as fresh leaves."""
         wide = torch.promote_types(dtype, torch.float32)
@@ -93,6 +97,8 @@ class Entry:
     output: Callable = staticmethod(lambda out: out)  # the loss tensor from what the call returns
     # The dtype whose tolerance its float64 results meet (GammaContrastiveLoss keeps fp32 running estimates).
     exact_as: torch.dtype = torch.float64
+    # Options that put its own state on a device (GammaContrastiveLoss's running estimates).
+    state_on: Callable = staticmethod(lambda device: {})
 
     @property
     def public(self):
@@ -187,7 +193,8 @@ REGISTRY = [
           "features", REDUCTIONS, learnable_scale=False, constructor=dict(temperature=SUPCON_TEMPERATURE),
           magnitude=40.0),
     Entry("GammaContrastiveLoss", lambda b: ((b.x, b.y, b.scale, b.index), {}), _gamma_module_reference,
-          "features_a", constructor=dict(num_samples=1024, shape=math.inf), exact_as=torch.float32),
+          "features_a", constructor=dict(num_samples=1024, shape=math.inf), exact_as=torch.float32,
+          state_on=lambda device: dict(state_device=device)),
     Entry("ModalityStructureLoss",
           lambda b: ((b.x, b.y, b.scale), dict(image_aug=b.z, image_private=b.private)),
           _modality_structure_reference, "image_features", constructor=dict(geometric=1.0, bridge=1.0, separation=1.0),

@@ -437,3 +437,54 @@ def test_cached_step_under_ddp():
             assert_norm_close(a, b, 1e-5, f"rank {rank}, parameter {i}")
         for a, b in zip(plain, results[0][0]):
             torch.testing.assert_close(a, b)  # DDP averaged: every rank holds the same gradient
+
+
+# -- what a step exchanges ------------------------------------------------------------------------------------
+
+def exchanges_per_step(rank, world_size):
+    """Three training steps of several losses, counting object collectives (pickled, host round trips)
+    and signature exchanges (the small integer tensor each call gathers)."""
+    import flashcl.distributed as flashcl_distributed
+
+    counts = {"objects": 0, "signatures": 0}
+    gather_object, gather = dist.all_gather_object, dist.all_gather
+
+    def counting_gather_object(*args, **kwargs):
+        counts["objects"] += 1
+        return gather_object(*args, **kwargs)
+
+    def counting_gather(tensors, tensor, *args, **kwargs):
+        if tensor.dtype == torch.int64 and tensor.shape == (flashcl_distributed.SIGNATURE_LENGTH,):
+            counts["signatures"] += 1
+        return gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_gather_object, dist.all_gather = counting_gather_object, counting_gather
+    try:
+        group = dist.group.WORLD
+        gamma = flashcl.GammaContrastiveLoss(64, group=group)
+        structure = flashcl.ModalityStructureLoss(1.0, 1.0, 1.0, group=group)
+        per_step = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 * step + rank)
+            x, y, z, p = (unit_rows(6 + rank, D, g).requires_grad_() for _ in range(4))
+            before = dict(counts)
+            losses = [flashcl.clip_loss(x, y, 5.0, group=group), flashcl.siglip_loss(x, y, 5.0, -2.0, group=group),
+                      flashcl.supcon_loss(torch.stack([x, y], 1), torch.arange(6 + rank) % 3, group=group),
+                      gamma(x, y, 5.0, torch.arange(6 + rank) + 8 * rank),
+                      structure(x, y, 5.0, image_aug=z, image_private=p)]
+            torch.stack(losses).sum().backward()
+            per_step.append({k: counts[k] - before[k] for k in counts})
+    finally:
+        dist.all_gather_object, dist.all_gather = gather_object, gather
+    return per_step
+
+
+def test_a_step_exchanges_no_objects_and_one_signature_per_call():
+    """Every step, the first one included: no pickled object collective, and each loss call one small
+    integer tensor of metadata (clip, siglip, supcon, gamma: 1 each; the structure loss: 4 terms)."""
+    results = run_ranks(2, exchanges_per_step)
+    failed = [r for r in results if isinstance(r, RankFailed)]
+    assert not failed, failed[0].traceback
+    for rank, per_step in enumerate(results):
+        for step, counts in enumerate(per_step):
+            assert counts == {"objects": 0, "signatures": 8}, f"rank {rank}, step {step}: {counts}"

@@ -79,3 +79,18 @@ def test_every_dtype_on_every_backend(entry, backend, dtype):
                 assert grad.dtype == (dtype if name != "scale" else loss.dtype), name
                 assert_close(grad, want_grads[name], tolerance, f"{entry.name} {reduction} grad {name}",
                              magnitude=entry.magnitude)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids(REGISTRY))
+def test_runs_on_meta_tensors(entry):
+    """No value is read back to the host in a training step: every public loss and module runs forward
+    and backward on meta tensors, which hold none (Tensor.item() on one raises)."""
+    batch = make_batch(n=13, d=5, m=17).on("meta")
+    leaves = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
+                           scale=batch.scale.requires_grad_(entry.learnable_scale))
+    loss = entry(leaves, **entry.state_on("meta"))
+    wrt = [getattr(leaves, k) for k in Batch.FEATURES] + ([leaves.scale] if entry.learnable_scale else [])
+    grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+    assert loss.device.type == "meta"
+    assert all(g is None or (g.device.type == "meta" and g.shape == t.shape) for g, t in zip(grads, wrt))
+    assert any(g is not None for g in grads)

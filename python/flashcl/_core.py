@@ -170,8 +170,11 @@ class Call:
         targets = self._given_targets
         if not self.sharded:
             return targets
-        return self.shards.candidate_positions(targets + self.shards.anchor_offset if self._default_targets
-                                               else targets)
+        if self._default_targets:
+            return self.shards.candidate_positions(targets + self.shards.anchor_offset)
+        if checks.index_range(targets) is None:  # not read on the host: its range, on the device
+            checks.device_assert((targets >= 0) & (targets < self.shards.keys), "targets must index every rank's keys")
+        return self.shards.candidate_positions(targets)
 
 
 # -- reductions --------------------------------------------------------------------------------------------

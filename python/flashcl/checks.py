@@ -3,13 +3,17 @@ argument and what was expected (and, where a common mistake is likely, what to d
 
 Checks run before any kernel and before any state changes, so bad input is an exception here and
 never a wrong number, a corrupted running estimate or a crash deep in a backend. Checks that need a
-tensor's values (a range, a sign) go through `_values_checked`: they read values back to the host,
-which a compiled graph cannot do, so they are skipped while torch.compile traces (docs/design.md,
-"Validation").
+tensor's values (a range, a sign) read them only where that is free: Python numbers and CPU tensors.
+On an accelerator they are asynchronous device-side assertions (`torch._assert_async`, as an
+out-of-range index in any PyTorch gather is): no step waits for them, and a failure surfaces at a
+later synchronization and leaves the CUDA context unusable; FLASHCL_SYNC_CHECKS=1 reads the values
+instead, for debugging. Meta tensors hold no values, and a compiled graph reads none
+(docs/design.md, "Validation").
 """
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -25,9 +29,21 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def values_readable() -> bool:
-    """Whether checks may read tensor values (a device sync): not while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+SYNC_CHECKS_ENV = "FLASHCL_SYNC_CHECKS"
+
+
+def values_free(tensor: Tensor) -> bool:
+    """Whether a check may read this tensor's values: on the CPU (no device waits for it), outside a
+    compiled graph; on any device with values when FLASHCL_SYNC_CHECKS=1."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or (tensor.device.type != "meta" and os.environ.get(SYNC_CHECKS_ENV) == "1")
+
+
+def device_assert(ok: Tensor, message: str) -> None:
+    """A value check of an accelerator tensor, asynchronous: `ok` (all true) is asserted on the device."""
+    if ok.device.type not in ("cpu", "meta") and not torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"flashcl: {message}")
 
 
 # -- Python numbers and choices ----------------------------------------------------------------------------
@@ -170,8 +186,11 @@ def _as_scalar(name: str, value: Union[float, Tensor], like: Tensor, positive: b
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        number = float(value.detach()) if values_readable() else None
         tensor = value.reshape(()).to(device=like.device, dtype=dtype)
+        number = float(value.detach()) if values_free(value) else None
+        if number is None:
+            device_assert(torch.isfinite(tensor) & ((tensor > 0) if positive else True),
+                          f"{name} must be finite{' and > 0' if positive else ''}")
     elif isinstance(value, (float, int)) and not isinstance(value, bool):
         number = float(value)
         tensor = torch.tensor(number, device=like.device, dtype=dtype)
@@ -203,15 +222,18 @@ def check_integers(name: str, values, n: int, like: Optional[Tensor], meaning: s
 
 def check_index_range(name: str, values: Tensor, size: int, what: str) -> None:
     """Every entry of an index tensor lies in [0, size); `what` says what it indexes."""
-    if values_readable() and values.numel():
+    if not values_free(values):
+        device_assert((values >= 0) & (values < size), f"{name} must lie in [0, {size - 1}] ({what})")
+    elif values.numel():
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= size:
             raise ValueError(f"{name} must lie in [0, {size - 1}] ({what}), got values in [{low}, {high}]")
 
 
 def index_range(values: Tensor) -> Optional[tuple]:
-    """(min, max) of an index tensor, for the ranks of a group to check a global range; None while compiling."""
-    return (int(values.min()), int(values.max())) if values_readable() and values.numel() else None
+    """(min, max) of an index tensor, for the ranks of a group to check a global range; None where reading
+    it is not free (the caller then asserts the range on the device once it is known)."""
+    return (int(values.min()), int(values.max())) if values_free(values) and values.numel() else None
 
 
 def check_targets(targets: Optional[Tensor], n: int, m: Optional[int], like: Tensor) -> Tensor:
@@ -250,8 +272,10 @@ def check_log_weights(name: str, log_weights: Tensor, n: int, like: Tensor) -> T
         raise ValueError(f"{name} must have shape ({n},) (one log-weight per anchor), got {tuple(log_weights.shape)}")
     if log_weights.device != like.device:
         raise ValueError(f"{name} is on {log_weights.device} but the features are on {like.device}")
-    if values_readable() and bool(torch.isnan(log_weights).any() | (log_weights == math.inf).any()):
+    valid = ~torch.isnan(log_weights) & (log_weights != math.inf)
+    if values_free(log_weights) and not bool(valid.all()):
         raise ValueError(f"{name} must not hold NaN or +inf (a weight u = exp(log u) must be finite)")
+    device_assert(valid, f"{name} must not hold NaN or +inf")
     return log_weights.detach().to(statistics_dtype(like.dtype))
 
 

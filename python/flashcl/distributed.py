@@ -3,9 +3,11 @@
 Each rank of `group` holds a shard of the rows; the loss is that of the concatenation of the shards
 in rank order. A loss call on rank r
 
-1. exchanges a small signature (the call, its flags, D, dtype, device type, which inputs need
-   gradients, its row counts), so ranks that disagree all raise the same error before any real
-   collective, and every rank learns every shard's size (shards may be ragged);
+1. exchanges a small signature, one all-gather of eight integers per rank over gloo (a digest of the
+   call, its flags, D, dtype, device type and which inputs need gradients; its row counts; its
+   targets' range), so ranks that disagree all raise the same error before any real collective,
+   and every rank learns every shard's size (shards may be ragged). Only when something is wrong do
+   the ranks exchange their full descriptions, as objects, to say what;
 2. all-gathers the candidates once, in "rank-r order": its own shard first, then the others in
    rank order. A loss is invariant to the order of its candidates, and with its own shard first
    its anchors' own candidates sit on the diagonal: NT-Xent's self-similarity and the paired
@@ -24,6 +26,7 @@ the exact gradient of the sum over ranks of what they back-propagate.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import List, Optional
 
 import torch
@@ -32,6 +35,29 @@ from torch import Tensor
 
 # torch >= 2.12 names it reduce_scatter_single (and deprecates the older name).
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# A call's signature, one row of integers per rank: whether its checks failed, a digest of the options
+# every rank must share, its row counts, and its targets' range (where reading it was free).
+FAILED, DIGEST, ANCHORS, KEYS, DEFAULT_TARGETS, HAS_RANGE, LOW, HIGH = range(8)
+SIGNATURE_LENGTH = 8
+_METADATA_GROUPS = {}
+
+
+def digest(fields: dict) -> int:
+    """A 63-bit digest of a call's options, the same in every process (Python's hash() of a str is not)."""
+    text = repr(sorted((name, repr(value)) for name, value in fields.items()))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def metadata_group(group):
+    """The group a call's signature travels over: the group itself under gloo; for another backend
+    (NCCL), a gloo group of the same ranks, made once, by those ranks only."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    if group not in _METADATA_GROUPS:
+        _METADATA_GROUPS[group] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                                 use_local_synchronization=True)
+    return _METADATA_GROUPS[group]
 
 
 class SingleProcess:
@@ -89,36 +115,68 @@ class Shards:
         self.group, self.call = group, call
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._gathered = None
-        mine = None if local_error is not None else description
-        every = [None] * self.world_size
-        failure = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
-        self._collective("signature", lambda: dist.all_gather_object(every, (mine, failure), group=self.group))
+        every = self._exchange(description, local_error)
         if local_error is not None:
             return  # the caller re-raises this rank's own error
-        for rank, (_, theirs) in enumerate(every):
-            if theirs is not None:
-                raise ValueError(f"flashcl {call}(group=...): rank {rank} rejected its input, so every rank stops: "
-                                 f"{theirs}")
-        fields = mine["fields"]
-        for name, value in fields.items():
-            differ = next((r for r, (theirs, _) in enumerate(every) if theirs["fields"].get(name) != value), None)
-            if differ is not None:
-                raise ValueError(
-                    f"flashcl {call}(group=...): ranks disagree on the {name}: rank {self.rank} has {value}, "
-                    f"rank {differ} has {every[differ][0]['fields'].get(name)}")
-        self.anchor_sizes = [theirs["anchors"] for theirs, _ in every]
-        self.key_sizes = [theirs["keys"] for theirs, _ in every]
+        self.anchor_sizes = [int(theirs[ANCHORS]) for theirs in every]
+        self.key_sizes = [int(theirs[KEYS]) for theirs in every]
         self.anchors, self.keys = sum(self.anchor_sizes), sum(self.key_sizes)
         self.key_offset = sum(self.key_sizes[:self.rank])
         self.anchor_offset = sum(self.anchor_sizes[:self.rank])
-        for rank, (theirs, _) in enumerate(every):  # global indices, checked where every rank sees them
-            low, high = theirs["target_range"] or (0, 0)
-            if theirs["target_range"] is not None and (low < 0 or high >= self.keys):
+        for rank, theirs in enumerate(every):  # global indices, checked where every rank sees them
+            low, high = int(theirs[LOW]), int(theirs[HIGH])
+            if theirs[HAS_RANGE] and (low < 0 or high >= self.keys):
                 raise ValueError(f"flashcl {call}(group=...): targets must index the {self.keys} keys of all ranks, "
                                  f"i.e. lie in [0, {self.keys - 1}], got values in [{low}, {high}] on rank {rank}")
-        if mine["default_targets"] and self.keys < self.anchors:
+        if description["default_targets"] and self.keys < self.anchors:
             raise ValueError(f"flashcl {call}(group=...): targets=None pairs query i with key i over all ranks, so "
                              f"the ranks need at least {self.anchors} keys in all, got {self.keys}; pass targets")
+
+    def _exchange(self, description: Optional[dict], local_error: Optional[BaseException]) -> List[List[int]]:
+        """Every rank's signature, as rows of integers: one all-gather of a small CPU tensor (on a group of
+        another backend, over a gloo group of the same ranks: the host exchanges it, the device stream
+        never waits). Only when some rank failed or the ranks disagree do they exchange their full
+        descriptions, as objects, to say what went wrong; then every rank raises."""
+        mine = [0] * SIGNATURE_LENGTH
+        if local_error is not None:
+            mine[FAILED] = 1
+        else:
+            target_range = description["target_range"]
+            mine[DIGEST] = digest(description["fields"])
+            mine[ANCHORS], mine[KEYS] = description["anchors"], description["keys"]
+            mine[DEFAULT_TARGETS] = int(description["default_targets"])
+            if target_range is not None:
+                mine[HAS_RANGE], mine[LOW], mine[HIGH] = 1, *target_range
+        group = metadata_group(self.group)
+        local = torch.tensor(mine, dtype=torch.int64)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._collective("signature", lambda: dist.all_gather(gathered, local, group=group))
+        every = [row.tolist() for row in gathered]
+        if any(theirs[FAILED] for theirs in every) or len({theirs[DIGEST] for theirs in every}) > 1:
+            self._explain(group, description, local_error)
+        return every
+
+    def _explain(self, group, description: Optional[dict], local_error: Optional[BaseException]) -> None:
+        """Some rank failed or the ranks disagree: every rank learns which and how, and raises (the failed
+        rank returns, to raise its own error)."""
+        failure = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+        every = [None] * self.world_size
+        self._collective("signature explanation",
+                         lambda: dist.all_gather_object(every, (description, failure), group=group))
+        if local_error is not None:
+            return
+        for rank, (_, theirs) in enumerate(every):
+            if theirs is not None:
+                raise ValueError(f"flashcl {self.call}(group=...): rank {rank} rejected its input, so every rank "
+                                 f"stops: {theirs}")
+        for name, value in description["fields"].items():
+            differ = next((r for r, (theirs, _) in enumerate(every) if theirs["fields"].get(name) != value), None)
+            if differ is not None:
+                raise ValueError(
+                    f"flashcl {self.call}(group=...): ranks disagree on the {name}: rank {self.rank} has {value}, "
+                    f"rank {differ} has {every[differ][0]['fields'].get(name)}")
+        raise ValueError(f"flashcl {self.call}(group=...): ranks disagree on the call's options: "
+                         f"{[theirs['fields'] for theirs, _ in every]}")
 
     def _collective(self, what: str, run):
         return collective(self.call, what, self.group, run)

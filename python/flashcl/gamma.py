@@ -166,7 +166,7 @@ class GammaContrastiveLoss(nn.Module):
             # The ordinary InfoNCE, positive included in its denominator, for logging.
             with_positive = torch.logaddexp(lse, positive) if self.exclude_positive else lse
             infonce.append((with_positive - positive).mean())
-        if checks.values_readable() and int(skipped):
+        if checks.values_free(skipped) and int(skipped):  # the state lives on the CPU by default
             warnings.warn(f"GammaContrastiveLoss: {int(skipped)} rows had non-finite statistics; their running "
                           "estimates were left unchanged", RuntimeWarning, stacklevel=2)
 
