@@ -33,7 +33,9 @@ a = w (w/2 per direction when symmetric), the offsets above and the sparse posit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -177,6 +179,40 @@ class Call:
         return self.shards.candidate_positions(targets)
 
 
+# -- autocast -----------------------------------------------------------------------------------------------
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def matmul_inputs(*features: Optional[Tensor]):
+    """Features as torch.matmul would multiply them: inside torch.autocast, fp32 features (open_clip
+    normalizes its features in fp32 under autocast) in autocast's dtype, differentiably; otherwise as
+    given. The statistics stay fp32 either way."""
+    device_type = next(f for f in features if f is not None).device.type
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return features
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(f.to(dtype) if f is not None and f.dtype == torch.float32 else f for f in features)
+
+
+def autocast_off(device: torch.device):
+    """Inside the primitives autocast has done its work (matmul_inputs): the tiles' own products
+    must not be cast again."""
+    if device.type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def without_autocast(backward):
+    """A Function's backward, run with autocast off (a backward called inside torch.autocast would
+    otherwise cast the recomputed tiles); ctx.device, set in forward, says on which device."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with autocast_off(ctx.device):
+            return backward(ctx, *grads)
+    return run
+
+
 # -- reductions --------------------------------------------------------------------------------------------
 
 def reduce(losses: Tensor, plan: Plan) -> Tensor:
@@ -242,8 +278,10 @@ def candidates(x: Tensor, y: Optional[Tensor], plan: Plan) -> Tensor:
 
 def contrastive_statistics(x: Tensor, keys: Tensor, scale: Tensor, targets: Tensor, plan: Plan) -> Statistics:
     """The statistics of anchors x against `keys` (from `candidates`), targets in candidate order."""
-    row_lse, partial_col_lse = plan.backend.lse(x, keys, scale, rows=True, cols=plan.symmetric,
-                                                exclude_diagonal=plan.exclude_diagonal)
+    x, keys = matmul_inputs(x, keys)
+    with autocast_off(x.device):
+        row_lse, partial_col_lse = plan.backend.lse(x, keys, scale, rows=True, cols=plan.symmetric,
+                                                    exclude_diagonal=plan.exclude_diagonal)
     col_lse = plan.shards.column_lse(partial_col_lse) if plan.symmetric else None
     return Statistics(row_lse, col_lse, positive_logits(x, keys, targets, scale))
 
@@ -279,12 +317,13 @@ class ContrastiveLoss(torch.autograd.Function):
             col_losses, col_offset = _direction(col_lse, positive, col_log_u, col_count)
             losses = 0.5 * (losses + col_losses)
         ctx.save_for_backward(x, y, keys, scale, targets, row_offset, col_offset)
-        ctx.plan = plan
+        ctx.plan, ctx.device = plan, x.device
         ctx.mark_non_differentiable(*(t for t in (row_lse, col_lse) if t is not None))
         return reduce(losses, plan), row_lse, col_lse
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx, grad, _row_lse_grad, _col_lse_grad):
         x, y, keys, scale, targets, row_offset, col_offset = ctx.saved_tensors
         plan, self_similarity = ctx.plan, y is None
@@ -313,7 +352,9 @@ def contrastive_loss(x: Tensor, y: Optional[Tensor], scale: Tensor, targets: Ten
     log_weights = (row log u, column log u or None) selects the gamma-weighted form. statistics:
     those of these very inputs (`contrastive_statistics`), when the caller computed them already.
     """
-    return ContrastiveOutput(*ContrastiveLoss.apply(x, y, scale, targets, log_weights, statistics, plan))
+    x, y = matmul_inputs(x, y)
+    with autocast_off(x.device):
+        return ContrastiveOutput(*ContrastiveLoss.apply(x, y, scale, targets, log_weights, statistics, plan))
 
 
 # -- the log-sum-exp alone -----------------------------------------------------------------------------------
@@ -329,11 +370,12 @@ class RowLogSumExp(torch.autograd.Function):
         keys = candidates(x, y, plan)
         row_lse, _ = plan.backend.lse(x, keys, scale, rows=True, cols=False, exclude_diagonal=plan.exclude_diagonal)
         ctx.save_for_backward(x, y, keys, scale, row_lse)
-        ctx.plan = plan
+        ctx.plan, ctx.device = plan, x.device
         return row_lse
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx, grad):
         x, y, keys, scale, row_lse = ctx.saved_tensors
         plan, self_similarity = ctx.plan, y is None
@@ -352,7 +394,9 @@ class RowLogSumExp(torch.autograd.Function):
 
 def row_logsumexp(x: Tensor, y: Optional[Tensor], scale: Tensor, plan: Plan) -> Tensor:
     """The row log-sum-exp of x against every rank's y (y=None: x against itself), differentiable."""
-    return RowLogSumExp.apply(x, y, scale, plan)
+    x, y = matmul_inputs(x, y)
+    with autocast_off(x.device):
+        return RowLogSumExp.apply(x, y, scale, plan)
 
 
 # -- the sigmoid family --------------------------------------------------------------------------------------
@@ -367,11 +411,12 @@ class SigmoidLoss(torch.autograd.Function):
         pairs = torch.arange(x.shape[0], device=x.device)  # own shard first: pair i is candidate i
         losses = softplus_sums - (positive_logits(x, keys, pairs, scale) + bias)
         ctx.save_for_backward(x, keys, scale, bias, sigmoid_sums)
-        ctx.plan = plan
+        ctx.plan, ctx.device = plan, x.device
         return reduce(losses, plan)
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx, grad):
         x, keys, scale, bias, sigmoid_sums = ctx.saved_tensors
         plan = ctx.plan
@@ -391,4 +436,6 @@ def sigmoid_loss(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, plan: Plan) 
     sums of softplus(S') and sigmoid(S')), and dL/dS' = w_i (sigmoid(S') - I) makes the backward
     primitive 2 with f = sigmoid, o = -b and the positive term -w_i at (i, i); dL/db = sum_i w_i
     (sum_j sigmoid(S'_ij) - 1) comes from the forward's sigmoid sums."""
-    return SigmoidLoss.apply(x, y, scale, bias, plan)
+    x, y = matmul_inputs(x, y)
+    with autocast_off(x.device):
+        return SigmoidLoss.apply(x, y, scale, bias, plan)
