@@ -59,5 +59,8 @@ struct ProductArgs {
 cudaError_t launch_lse_forward(const LseForwardArgs& args, DType dtype, cudaStream_t stream);
 cudaError_t launch_softplus_sums(const SoftplusSumsArgs& args, DType dtype, cudaStream_t stream);
 cudaError_t launch_weighted_products(const ProductArgs& args, DType dtype, cudaStream_t stream);
+// How many blocks of the products kernel one multiprocessor of the current device holds at once.
+cudaError_t resident_product_blocks(DType dtype, int* blocks);
+constexpr int64_t kProductBlockRows = 64;  // the rows one block of the products kernel owns (tile.cuh's kBlockR)
 
 }  // namespace flashcl

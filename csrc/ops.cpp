@@ -16,14 +16,16 @@
 namespace flashcl {
 namespace {
 
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType type) {
+  switch (type) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "flashcl CUDA kernels take float16, bfloat16 or float32 features, got ", t.scalar_type());
+    default: TORCH_CHECK(false, "flashcl CUDA kernels take float16, bfloat16 or float32 features, got ", type);
   }
 }
+
+DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
 
 void check_pair(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
   TORCH_CHECK(a.is_cuda() && b.is_cuda(), "flashcl CUDA kernels need CUDA tensors, got ", a.device(), " and ",
@@ -132,11 +134,20 @@ at::Tensor weighted_products(const at::Tensor& a, const at::Tensor& b, const at:
   return out;
 }
 
+// The rows one multiprocessor of the current device works on at once in the products kernel: its
+// rows per block times the blocks its registers and shared memory let it hold (the occupancy API).
+int64_t resident_rows(at::ScalarType dtype) {
+  int blocks = 0;
+  check_launch(resident_product_blocks(dtype_of(dtype), &blocks), "the occupancy query");
+  return kProductBlockRows * blocks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashcl, m) {
   m.def("lse_forward(Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, bool merge_columns) -> (Tensor, Tensor)");
   m.def("softplus_sums(Tensor a, Tensor b, Tensor scale, Tensor bias, bool exclude_diagonal) -> (Tensor, Tensor)");
+  m.def("resident_rows(ScalarType dtype) -> int", &resident_rows);
   m.def("weighted_products(Tensor a, Tensor b, Tensor scale, Tensor? row_w, Tensor? row_off, "
         "Tensor? col_w, Tensor? col_off, Tensor? pos_index, Tensor? pos_coeff, int positives_by, "
         "bool exclude_diagonal, int row_start, int row_end, bool sigmoid=False) -> Tensor");

@@ -30,6 +30,7 @@ constexpr int kBlockD = 32;
 constexpr int kPadT = 8;   // keeps WMMA leading dimensions multiples of 8 elements
 constexpr int kPadF = 4;   // and of 4 for fp32
 static_assert(kBlockC == kColumnBlock, "the forward's column locks (launchers.h) cover one column tile each");
+static_assert(kBlockR == kProductBlockRows, "launchers.h tells the Python side a product block's rows");
 
 template <typename T>
 constexpr bool kTensorCores = !std::is_same<T, float>::value;

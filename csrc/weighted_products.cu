@@ -146,4 +146,11 @@ cudaError_t launch_weighted_products(const ProductArgs& args, DType dtype, cudaS
   return dispatch_dtype(dtype, [&](auto element) { return launch<decltype(element)>(args, stream); });
 }
 
+cudaError_t resident_product_blocks(DType dtype, int* blocks) {
+  return dispatch_dtype(dtype, [&](auto element) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, weighted_products_kernel<decltype(element)>, kThreads,
+                                                         0);
+  });
+}
+
 }  // namespace flashcl

@@ -104,26 +104,48 @@ def test_large_chunked_backward_matches(backend, generator, monkeypatch):
         assert_close(g, w, torch.float32, name, magnitude=10 * float(a.abs().max() + b.abs().max()))
 
 
-def test_chunks_fill_whole_waves_within_the_scratch_budget():
+def test_chunks_are_whole_waves_of_resident_programs():
     assert fused.rows_per_chunk(768) == fused.SCRATCH_BYTES // (4 * 768) == 10922  # no GPU: the budget
-    assert fused.rows_per_chunk(768, multiprocessors=132) == 64 * 132  # one wave of 64-row blocks
-    assert fused.rows_per_chunk(256, multiprocessors=132) == 3 * 64 * 132  # 32768 rows fit, 3 waves
-    assert fused.rows_per_chunk(2**20) == fused.rows_per_chunk(2**20, multiprocessors=132) == fused.MIN_CHUNK_ROWS
-    for dim in (3, 100, 768, 4096):
-        assert fused.rows_per_chunk(dim, 132) * 4 * dim <= max(fused.SCRATCH_BYTES, 4 * dim * fused.MIN_CHUNK_ROWS)
+    # Triton on 132 multiprocessors: 128-row programs, one each. The budget's 10922 rows would launch
+    # 86 programs: rounded up to one wave, 16896.
+    wave = 128 * 132
+    assert fused.rows_per_chunk(768, wave) == wave
+    assert fused.rows_per_chunk(256, wave) == 2 * wave  # 32768 rows in the budget: two waves
+    # CUDA C++ with 4 resident 64-row blocks per multiprocessor: 33792 rows a wave.
+    assert fused.rows_per_chunk(768, 4 * 64 * 132) == 4 * 64 * 132
+    assert fused.rows_per_chunk(768, wave, rows=5000) == 5000  # never more than there are
+    assert fused.rows_per_chunk(2**20) == fused.MIN_CHUNK_ROWS
+    for dim in (3, 100, 768, 4096):  # at most one wave past the budget
+        assert fused.rows_per_chunk(dim, wave) * 4 * dim < max(fused.SCRATCH_BYTES, 4 * dim * fused.MIN_CHUNK_ROWS) \
+            + 4 * dim * wave
+
+
+@pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
+def test_triton_waves_cover_the_tallest_config():
+    from flashcl.triton_kernels import _config
+
+    tallest = max(max(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for configs in (
+        _config.lse_configs, _config.softplus_configs, _config.backward_configs) for c in configs())
+    assert tallest <= _config.MAX_TILE_SIDE
+    assert triton_backend.resident_rows(torch.bfloat16) == max(c.kwargs["BLOCK_R"] for c in _config.backward_configs())
 
 
 @pytest.mark.skipif(triton_backend.missing_reason() is not None, reason="Triton is not installed")
 def test_triton_kernels_refuse_row_counts_past_32_bits():
     from flashcl.triton_kernels import lse_forward, softplus_sums, weighted_products
 
-    huge = torch.zeros(1, 4, device=DEVICE).expand(2**31, 4)  # no memory behind the rows
+    from flashcl.triton_kernels._config import MAX_ROWS, MAX_TILE_SIDE, check_row_counts
+
+    assert MAX_ROWS == 2**31 - MAX_TILE_SIDE
+    check_row_counts(MAX_ROWS)  # the last tile's indices reach 2**31 - 1: fine
+    huge = torch.zeros(1, 4, device=DEVICE).expand(MAX_ROWS + 1, 4)  # no memory behind the rows
     small, scale = torch.zeros(3, 4, device=DEVICE), torch.tensor(1.0, device=DEVICE)
-    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+    message = rf"at most 2\*\*31 - {MAX_TILE_SIDE} rows per operand .*, got {MAX_ROWS + 1}"
+    with pytest.raises(ValueError, match=message):
         lse_forward.lse_forward(small, huge, scale, False, True)
-    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+    with pytest.raises(ValueError, match=message):
         weighted_products.weighted_products(huge, small, scale, *[None] * 6, 0, False, 0, 3)
-    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 rows per operand, got 2147483648"):
+    with pytest.raises(ValueError, match=message):
         softplus_sums.softplus_sums(small, huge, scale, scale.reshape(1), False)
 
 

@@ -123,6 +123,7 @@ def test_operators_registered():
     sums = str(torch.ops.flashcl.softplus_sums.default._schema)
     assert sums == ("flashcl::softplus_sums(Tensor a, Tensor b, Tensor scale, Tensor bias, bool exclude_diagonal) "
                     "-> (Tensor, Tensor)")
+    assert str(torch.ops.flashcl.resident_rows.default._schema) == "flashcl::resident_rows(ScalarType dtype) -> int"
     products = str(torch.ops.flashcl.weighted_products.default._schema)
     assert "Tensor? pos_index" in products and "bool sigmoid=False" in products
     assert cuda_backend.make().functions == ("exp", "sigmoid")

@@ -53,11 +53,17 @@ def size_bucket(count: int) -> int:
     return triton.next_power_of_2(count)
 
 
+MAX_TILE_SIDE = 128  # the largest BLOCK_R or BLOCK_C of any config (a test keeps it so)
+MAX_ROWS = 2**31 - MAX_TILE_SIDE
+
+
 def check_row_counts(*counts: int) -> None:
-    """The kernels index rows and columns with 32-bit integers (fewer registers than 64-bit;
-    memory offsets stay 64-bit), so no operand may have 2**31 rows or more."""
-    if max(counts) >= 2**31:
-        raise ValueError(f"flashcl's Triton kernels take fewer than 2**31 rows per operand, got {max(counts)}")
+    """The kernels index rows and columns with 32-bit integers (fewer registers than 64-bit; memory
+    offsets stay 64-bit), and a tile's indices run up to a tile side past the last row: no operand
+    may have more than 2**31 - MAX_TILE_SIDE rows."""
+    if max(counts) > MAX_ROWS:
+        raise ValueError(f"flashcl's Triton kernels take at most 2**31 - {MAX_TILE_SIDE} rows per operand "
+                         f"(32-bit indices, tiles of up to {MAX_TILE_SIDE}), got {max(counts)}")
 
 
 def upcast(dtype: torch.dtype) -> bool:

@@ -5,6 +5,7 @@ fp32 on CUDA; composed into the primitives exactly as the Triton kernels are.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -45,9 +46,17 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def resident_rows(dtype: torch.dtype) -> int:
+    """Rows one multiprocessor works on at once in the products kernel (64 per block, times the blocks
+    the CUDA occupancy API says its resources allow), asked once per dtype."""
+    return torch.ops.flashcl.resident_rows(dtype)
+
+
 def make(deterministic: Optional[bool] = None) -> FusedKernels:
     error = extension_error()
     if error is not None:
         raise RuntimeError(error)
     ops = torch.ops.flashcl
-    return FusedKernels("cuda", ops.lse_forward, ops.weighted_products, ops.softplus_sums, deterministic)
+    return FusedKernels("cuda", ops.lse_forward, ops.weighted_products, ops.softplus_sums, deterministic,
+                        resident_rows)

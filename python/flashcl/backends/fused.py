@@ -18,8 +18,8 @@ sees them as opaque nodes with fake implementations):
         pos_index[r]) or by column (POSITIVES_BY_COLUMN: column c's positive is row pos_index[c]).
 
 `FusedKernels` turns those into the primitives: dx is the products of (x, y); dy the products
-of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks whose fp32 output stays
-within SCRATCH_BYTES (see `rows_per_chunk`).
+of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks of whole waves of resident
+programs, about SCRATCH_BYTES of fp32 output each (see `rows_per_chunk`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from torch import Tensor
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what both kernel families take
 SCRATCH_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 128
-ROWS_PER_MULTIPROCESSOR = 64  # the smallest row block of the product kernels
 # weighted_products' positives_by, here once for both families: the Triton kernel reads these names,
 # csrc/launchers.h has them as kNoPositives, kPositivesByRow, kPositivesByColumn (a test compares).
 NO_POSITIVES, POSITIVES_BY_ROW, POSITIVES_BY_COLUMN = 0, 1, 2
@@ -54,21 +53,21 @@ def weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_inde
     return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
 
 
-def rows_per_chunk(dim: int, multiprocessors: Optional[int] = None) -> int:
-    """Rows per launch of the products: as many as SCRATCH_BYTES of fp32 output hold.
+def rows_per_chunk(dim: int, wave_rows: Optional[int] = None, rows: Optional[int] = None) -> int:
+    """Rows per launch of the products: about SCRATCH_BYTES of fp32 output, in whole waves.
 
-    On a GPU the count is rounded down to whole waves of ROWS_PER_MULTIPROCESSOR rows per
-    multiprocessor: every program sweeps all columns, so a launch one block past a wave
-    costs a second full sweep on a nearly idle GPU (at N = 65536, D = 768 on 132
-    multiprocessors: 13 sweeps unrounded, 8 rounded, and 8 is the fewest possible).
+    wave_rows: the rows one wave of resident programs covers on the GPU (rows per program x programs
+    a multiprocessor holds at once x multiprocessors; see `FusedKernels`). Every program sweeps all
+    columns, so a launch of fewer programs than the GPU holds leaves multiprocessors idle for a whole
+    sweep, and one past a wave costs another sweep: the budget's rows are rounded up to whole waves
+    (at N = 65536, D = 768 on 132 multiprocessors with 128-row programs, one per multiprocessor:
+    4 launches of 16896 rows, 52 MiB of scratch each, where 10922-row chunks would run 7 launches
+    of 86 programs). A chunk never exceeds the `rows` there are, so the scratch stays O(N D).
     """
-    rows = max(MIN_CHUNK_ROWS, SCRATCH_BYTES // (4 * dim))
-    wave = ROWS_PER_MULTIPROCESSOR * (multiprocessors or 0)
-    return rows - rows % wave if 0 < wave <= rows else rows
-
-
-def _multiprocessors(device: torch.device) -> Optional[int]:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    budget = max(MIN_CHUNK_ROWS, SCRATCH_BYTES // (4 * dim))
+    if wave_rows:
+        budget = -(-budget // wave_rows) * wave_rows
+    return budget if rows is None else max(1, min(budget, rows))
 
 
 def resolve_deterministic(deterministic: Optional[bool]) -> bool:
@@ -85,8 +84,11 @@ class FusedKernels:
     """
 
     def __init__(self, name: str, lse_forward: Callable, weighted_products: Callable,
-                 softplus_sums: Optional[Callable] = None, deterministic: Optional[bool] = None):
+                 softplus_sums: Optional[Callable] = None, deterministic: Optional[bool] = None,
+                 resident_rows: Optional[Callable[[torch.dtype], int]] = None):
         self.name = name
+        # The rows one multiprocessor works on at once (rows per program x resident programs), by input dtype.
+        self._resident_rows = resident_rows
         self._lse_forward = lse_forward
         self._softplus_sums = softplus_sums
         self._products = weighted_products
@@ -113,13 +115,18 @@ class FusedKernels:
         """(rows, G[rows] @ b) in fp32, a chunk of rows at a time."""
         (w, off), (v, q) = row_term or (None, None), col_term or (None, None)
         index, coeff = positives or (None, None)
-        chunk = rows_per_chunk(a.shape[1], _multiprocessors(a.device))
+        chunk = rows_per_chunk(a.shape[1], self._wave_rows(a), a.shape[0])
         for start in range(0, a.shape[0], chunk):
             end = min(start + chunk, a.shape[0])
             yield slice(start, end), self._products(
                 a, b, scale, w, off, v, q, index, coeff,
                 positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end,
                 function == "sigmoid")
+
+    def _wave_rows(self, a: Tensor) -> Optional[int]:
+        if a.device.type != "cuda" or self._resident_rows is None:
+            return None
+        return self._resident_rows(a.dtype) * torch.cuda.get_device_properties(a.device).multi_processor_count
 
     def weighted_grad(
         self, x: Tensor, y: Tensor, scale: Tensor, *,

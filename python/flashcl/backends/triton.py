@@ -84,9 +84,19 @@ def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positiv
                                   positives_by, exclude_diagonal, row_start, row_end, sigmoid)
 
 
+def resident_rows(dtype: torch.dtype) -> int:
+    """Rows one multiprocessor works on at once in the products: the tallest config's rows, one
+    program per multiprocessor (their first configs need 190 to 250 registers a thread at 8 warps,
+    which leaves room for one: benchmarks/triton_resources.py), so whatever config the autotuner
+    picks, a chunk fills the GPU."""
+    from flashcl.triton_kernels._config import backward_configs
+
+    return max(config.kwargs["BLOCK_R"] for config in backward_configs())
+
+
 def make(deterministic: Optional[bool] = None) -> FusedKernels:
     deterministic = resolve_deterministic(deterministic)
     pinned = dict(fixed_config=deterministic)
     return FusedKernels("triton", functools.partial(lse_forward, **pinned),
                         functools.partial(weighted_products, **pinned),
-                        functools.partial(softplus_sums, **pinned), deterministic)
+                        functools.partial(softplus_sums, **pinned), deterministic, resident_rows)
