@@ -198,8 +198,8 @@ def matmul_inputs(*features: Optional[Tensor]):
 def autocast_off(device: torch.device):
     """Inside the primitives autocast has done its work (matmul_inputs): the tiles' own products
     must not be cast again."""
-    if device.type not in AUTOCAST_DEVICES:
-        return contextlib.nullcontext()
+    if device.type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()  # entering torch.autocast costs tens of microseconds: a small batch's share
     return torch.autocast(device.type, enabled=False)
 
 
@@ -263,8 +263,10 @@ class ContrastiveOutput(NamedTuple):
 def positive_logits(x: Tensor, y: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
     """S_{i,t_i} = s * x_i . y_{t_i} in the statistics dtype, a chunk of rows at a time."""
     dtype = scale.dtype
-    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     rows_per_chunk = max(1, POSITIVE_CHUNK_ELEMENTS // x.shape[1])
+    if rows_per_chunk >= x.shape[0]:  # one chunk (a small batch): no output buffer to fill
+        return (x.to(dtype) * y[targets].to(dtype)).sum(dim=1) * scale
+    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         out[rows] = (x[rows].to(dtype) * y[targets[rows]].to(dtype)).sum(dim=1)
