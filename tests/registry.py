@@ -50,6 +50,11 @@ class Batch:
         """A copy with some inputs replaced (by hand, not dataclasses.replace: torch.compile traces this)."""
         return Batch(**{field: tensors.get(field, getattr(self, field)) for field in FIELDS})
 
+    def leaves(self, scale_grad: bool = True) -> "Batch":
+        """A copy whose features (and scale, if scale_grad) are fresh leaves that require grad."""
+        return self.replace(**{k: getattr(self, k).detach().clone().requires_grad_() for k in self.FEATURES},
+                            scale=self.scale.detach().clone().requires_grad_(scale_grad))
+
     def on(self, device) -> "Batch":
         """Every tensor on `device` (e.g. "meta", whose tensors hold no values)."""
         return Batch(**{field: getattr(self, field).to(device) for field in FIELDS})

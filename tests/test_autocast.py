@@ -12,8 +12,7 @@ from registry import REGISTRY, Batch, ids, make_batch
 
 
 def gradients(entry, batch, backend=None, autocast=True):
-    leaves = batch.replace(**{k: getattr(batch, k).detach().clone().requires_grad_() for k in Batch.FEATURES},
-                           scale=batch.scale.detach().clone().requires_grad_(entry.learnable_scale))
+    leaves = batch.leaves(entry.learnable_scale)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if backend is None:
             loss = entry.expected(leaves)

@@ -11,8 +11,7 @@ BACKENDS = backend_params()
 
 
 def differentiable(batch, entry):
-    return batch.replace(**{k: getattr(batch, k).detach().clone().requires_grad_() for k in Batch.FEATURES},
-                         scale=batch.scale.detach().clone().requires_grad_(entry.learnable_scale))
+    return batch.leaves(entry.learnable_scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import flashcl
-from registry import REGISTRY, Batch, ids, make_batch
+from registry import REGISTRY, ids, make_batch
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -33,8 +33,7 @@ LINEAR = 2 * max(N, M) * D
 
 def forward_backward(entry, dtype=torch.float32, reference=False):
     batch = make_batch(N, D, m=M, dtype=torch.float64 if reference else dtype)
-    batch = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
-                          scale=batch.scale.requires_grad_(entry.learnable_scale))
+    batch = batch.leaves(entry.learnable_scale)
     loss_fn = None if reference else entry.loss_fn()  # a module's state is allocated outside the recording
     with LargestAllocation() as largest:
         if reference:

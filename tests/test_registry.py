@@ -20,8 +20,7 @@ def test_every_public_name_is_registered_or_declared_not_a_loss():
 
 def gradients(entry, batch, reduction, backend=None):
     """(loss, {input: gradient}) of flashcl's call, or of the reference (backend=None) in float64."""
-    leaves = batch.replace(**{k: getattr(batch, k).detach().clone().requires_grad_() for k in Batch.FEATURES},
-                           scale=batch.scale.detach().clone().requires_grad_(entry.learnable_scale))
+    leaves = batch.leaves(entry.learnable_scale)
     options = {} if reduction is None else dict(reduction=reduction)
     if backend is None:
         loss = entry.expected(leaves, reduction)
@@ -86,8 +85,7 @@ def test_runs_on_meta_tensors(entry):
     """No value is read back to the host in a training step: every public loss and module runs forward
     and backward on meta tensors, which hold none (Tensor.item() on one raises)."""
     batch = make_batch(n=13, d=5, m=17).on("meta")
-    leaves = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
-                           scale=batch.scale.requires_grad_(entry.learnable_scale))
+    leaves = batch.leaves(entry.learnable_scale)
     loss = entry(leaves, **entry.state_on("meta"))
     wrt = [getattr(leaves, k) for k in Batch.FEATURES] + ([leaves.scale] if entry.learnable_scale else [])
     grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)

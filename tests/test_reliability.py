@@ -129,8 +129,7 @@ def test_deterministic_mode_is_bit_identical(entry, backend):
         runs = []
         for _ in range(10):
             batch = make_batch(70, 12, scale=9.0)
-            leaves = batch.replace(**{k: getattr(batch, k).requires_grad_() for k in Batch.FEATURES},
-                                   scale=batch.scale.requires_grad_(entry.learnable_scale))
+            leaves = batch.leaves(entry.learnable_scale)
             loss = entry(leaves, **options)
             wrt = [getattr(leaves, k) for k in Batch.FEATURES] + ([leaves.scale] if entry.learnable_scale else [])
             grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
