@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -256,8 +257,8 @@ class Statistics(NamedTuple):
 
 class ContrastiveOutput(NamedTuple):
     loss: Tensor  # reduced as the plan says; differentiable
-    row_lse: Tensor  # no gradient
-    col_lse: Optional[Tensor]  # no gradient; symmetric only
+    row_lse: Optional[Tensor]  # no gradient; None from the whole-S path of InfoNCE, whose callers read only loss
+    col_lse: Optional[Tensor]  # no gradient; symmetric only (and as row_lse)
 
 
 def positive_logits(x: Tensor, y: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
@@ -356,7 +357,46 @@ def contrastive_loss(x: Tensor, y: Optional[Tensor], scale: Tensor, targets: Ten
     """
     x, y = matmul_inputs(x, y)
     with autocast_off(x.device):
+        if statistics is None and plan.shards is SINGLE_PROCESS and plan.backend.holds_whole(x, x if y is None else y):
+            return _whole_contrastive_loss(x, y, scale, targets, plan, log_weights)
         return ContrastiveOutput(*ContrastiveLoss.apply(x, y, scale, targets, log_weights, statistics, plan))
+
+
+def _whole_contrastive_loss(x, y, scale, targets, plan, log_weights) -> ContrastiveOutput:
+    """The same composition (`_direction`, `reduce`) in autograd's own operators, from S whole: for a
+    small problem, which the torch backend holds as one tile within its memory budget anyway. Its
+    cost is then the textbook loss's, with no Function in Python around it (a batch of 256 spends
+    more time in that Python than in its products)."""
+    keys = x if y is None else y
+    dtype = scale.dtype
+    x_, keys_ = (t if t.dtype == dtype else t.to(dtype) for t in (x, keys))  # half inputs: fp32 products
+    logits = unmasked = torch.mm(x_ * scale, keys_.T)  # the scale on the smaller operand, as the textbook's
+    n, m = logits.shape
+    if plan.exclude_diagonal:
+        logits = logits.masked_fill(torch.eye(n, m, dtype=torch.bool, device=logits.device), -torch.inf)
+    if log_weights is None:  # InfoNCE: r_i - S_{i,t_i} is cross-entropy, whose fused kernels are the textbook's
+        summed = plan.reduction != "none"  # one process: "mean" is the sum over the n anchors
+        losses = F.cross_entropy(logits, targets, reduction="sum" if summed else "none")
+        if plan.symmetric:  # pairs: candidate i's positive is anchor i
+            losses = losses + F.cross_entropy(logits.T, targets, reduction="sum" if summed else "none")
+        factor = (0.5 if plan.symmetric else 1.0) / (n if plan.reduction == "mean" else 1)
+        return ContrastiveOutput(losses * factor, None, None)  # no caller of InfoNCE reads its LSEs
+    positive = unmasked.gather(1, targets[:, None]).squeeze(1)  # the diagonal (gone from logits) may be it
+    row_count, col_count = denominator_sizes(n, m, plan.exclude_diagonal)
+    row_lse = _nan_logsumexp(logits, 1)
+    losses, _ = _direction(row_lse, positive, log_weights[0], row_count)
+    col_lse = None
+    if plan.symmetric:
+        col_lse = _nan_logsumexp(logits, 0)
+        col_losses, _ = _direction(col_lse, positive, log_weights[1], col_count)
+        losses = 0.5 * (losses + col_losses)
+    return ContrastiveOutput(reduce(losses, plan), row_lse.detach(), None if col_lse is None else col_lse.detach())
+
+
+def _nan_logsumexp(logits: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp with an infinite logit giving NaN, as softmax's inf - inf and the primitives do."""
+    lse = torch.logsumexp(logits, dim)
+    return lse.masked_fill(lse == torch.inf, torch.nan)
 
 
 # -- the log-sum-exp alone -----------------------------------------------------------------------------------

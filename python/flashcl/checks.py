@@ -186,8 +186,8 @@ def _as_scalar(name: str, value: Union[float, Tensor], like: Tensor, positive: b
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        tensor = value.reshape(()).to(device=like.device, dtype=dtype)
-        number = float(value.detach()) if values_free(value) else None
+        tensor = (value if value.dim() == 0 else value.reshape(())).to(device=like.device, dtype=dtype)
+        number = value.item() if values_free(value) else None
         if number is None:
             device_assert(torch.isfinite(tensor) & ((tensor > 0) if positive else True),
                           f"{name} must be finite{' and > 0' if positive else ''}")

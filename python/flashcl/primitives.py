@@ -54,6 +54,8 @@ class Backend(Protocol):
 
     functions: Tuple[str, ...]  # the weight functions f it computes: "exp", and "sigmoid" with softplus_sums
 
+    def holds_whole(self, x: Tensor, y: Tensor) -> bool: ...  # S as one tile within its memory: a loss may build it
+
     def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
                       exclude_diagonal: bool) -> Tuple[Tensor, Tensor]: ...
 

@@ -106,6 +106,10 @@ class FusedKernels:
         col_lse = self._lse_forward(y, x, scale, exclude_diagonal, False)[0] if cols else None
         return row_lse, col_lse
 
+    def holds_whole(self, x: Tensor, y: Tensor) -> bool:
+        """The kernels never build S whole: every loss runs through them."""
+        return False
+
     def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
                       exclude_diagonal: bool = False) -> Tuple[Tensor, Tensor]:
         return self._softplus_sums(x, y, scale, bias.reshape(1), exclude_diagonal)

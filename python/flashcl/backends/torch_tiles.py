@@ -136,6 +136,12 @@ class TorchTiles:
         itemsize = torch.finfo(statistics_dtype(x.dtype)).bits // 8
         return choose_tiles(x.shape[0], y.shape[0], x.shape[1], itemsize, self.tiles)
 
+    def holds_whole(self, x: Tensor, y: Tensor) -> bool:
+        """Whether S of these operands is one tile within the memory budget: a loss may then build it
+        whole, with autograd's own operators (see flashcl._core)."""
+        rows, cols = self._tile_grid(x, y)
+        return rows >= x.shape[0] and cols >= y.shape[0]
+
     def _one_tile(self, x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool, keep: bool) -> Optional[Tensor]:
         """S whole, when it is one tile within the memory budget (small batches), else None.
 
