@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import flashcl
 import reference
 from conftest import DEVICE, TOLERANCE, backend_params
 from registry import REGISTRY, ids

@@ -8,7 +8,7 @@ import torch
 
 import flashcl
 import reference
-from conftest import DEVICE, TOLERANCE, assert_close, backend_cases, require_peer, unit_rows
+from conftest import DEVICE, TOLERANCE, assert_close, backend_cases, unit_rows
 from flashcl import primitives
 from flashcl.backends.torch_tiles import TorchTiles
 
