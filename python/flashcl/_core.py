@@ -47,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from . import checks
 from .distributed import SINGLE_PROCESS, Shards
+from .backends.torch_tiles import logsumexp
 from .primitives import resolve_backend
 
 POSITIVE_CHUNK_ELEMENTS = 2**20
@@ -185,21 +186,25 @@ class Call:
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
 
 
+def autocast_active(device: torch.device) -> bool:
+    return device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type)
+
+
 def matmul_inputs(*features: Optional[Tensor]):
     """Features as torch.matmul would multiply them: inside torch.autocast, fp32 features (open_clip
     normalizes its features in fp32 under autocast) in autocast's dtype, differentiably; otherwise as
     given. The statistics stay fp32 either way."""
-    device_type = next(f for f in features if f is not None).device.type
-    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+    device = next(f for f in features if f is not None).device
+    if not autocast_active(device):
         return features
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(device.type)
     return tuple(f.to(dtype) if f is not None and f.dtype == torch.float32 else f for f in features)
 
 
 def autocast_off(device: torch.device):
     """Inside the primitives autocast has done its work (matmul_inputs): the tiles' own products
     must not be cast again."""
-    if device.type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
+    if not autocast_active(device):
         return contextlib.nullcontext()  # entering torch.autocast costs tens of microseconds: a small batch's share
     return torch.autocast(device.type, enabled=False)
 
@@ -383,20 +388,14 @@ def _whole_contrastive_loss(x, y, scale, targets, plan, log_weights) -> Contrast
         return ContrastiveOutput(losses * factor, None, None)  # no caller of InfoNCE reads its LSEs
     positive = unmasked.gather(1, targets[:, None]).squeeze(1)  # the diagonal (gone from logits) may be it
     row_count, col_count = denominator_sizes(n, m, plan.exclude_diagonal)
-    row_lse = _nan_logsumexp(logits, 1)
+    row_lse = logsumexp(logits, 1)
     losses, _ = _direction(row_lse, positive, log_weights[0], row_count)
     col_lse = None
     if plan.symmetric:
-        col_lse = _nan_logsumexp(logits, 0)
+        col_lse = logsumexp(logits, 0)
         col_losses, _ = _direction(col_lse, positive, log_weights[1], col_count)
         losses = 0.5 * (losses + col_losses)
     return ContrastiveOutput(reduce(losses, plan), row_lse.detach(), None if col_lse is None else col_lse.detach())
-
-
-def _nan_logsumexp(logits: Tensor, dim: int) -> Tensor:
-    """torch.logsumexp with an infinite logit giving NaN, as softmax's inf - inf and the primitives do."""
-    lse = torch.logsumexp(logits, dim)
-    return lse.masked_fill(lse == torch.inf, torch.nan)
 
 
 # -- the log-sum-exp alone -----------------------------------------------------------------------------------

@@ -93,12 +93,13 @@ def _diagonal_of_tile(tile: Tensor, rows: slice, cols: slice) -> Tensor:
     return tile.diagonal(offset=rows.start - cols.start)
 
 
-def _logsumexp(logits: Tensor, dim: int) -> Tensor:
+def logsumexp(logits: Tensor, dim: int) -> Tensor:
     """torch.logsumexp, except that an infinite logit gives NaN, not inf: softmax's inf - inf, so
     non-finite input is non-finite exactly where the textbook loss's (and the kernels') is. (A sum of
-    exponentials of finite fp32 logits cannot reach inf: only an infinite logit makes it.)"""
+    exponentials of finite fp32 logits cannot reach inf: only an infinite logit makes it.)
+    Differentiable, for flashcl._core's whole-S path."""
     lse = torch.logsumexp(logits, dim)
-    return lse.masked_fill_(lse == torch.inf, torch.nan)
+    return lse.masked_fill(lse == torch.inf, torch.nan)
 
 
 def softplus(z: Tensor) -> Tensor:
@@ -130,7 +131,7 @@ class TorchTiles:
 
     def __init__(self, tiles: Optional[Tiling] = None):
         self.tiles = tiles or _tiling_scopes[-1]
-        self._kept = None  # the logits of the last one-tile lse, for the backward to reuse (see _one_tile)
+        self._kept = None  # the last one-tile lse's operands and logits, for its backward (see _take_kept)
 
     def _tile_grid(self, x: Tensor, y: Tensor) -> Tuple[int, int]:
         itemsize = torch.finfo(statistics_dtype(x.dtype)).bits // 8
@@ -142,30 +143,25 @@ class TorchTiles:
         rows, cols = self._tile_grid(x, y)
         return rows >= x.shape[0] and cols >= y.shape[0]
 
-    def _one_tile(self, x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool, keep: bool) -> Optional[Tensor]:
-        """S whole, when it is one tile within the memory budget (small batches), else None.
+    # A loss's backend lives from its forward to its backward, so when S is one tile the forward's
+    # tile is kept for the backward to reuse: a small batch then costs the textbook loss's three
+    # products, not four, within the memory budget. Only for the very same, unmodified operands; a
+    # compiled graph keeps nothing on the side (it cannot mutate the backend) and recomputes.
+    @staticmethod
+    def _tile_key(x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool):
+        return (x, y, scale), (exclude_diagonal, x._version, y._version, scale._version)
 
-        A loss's backend lives from its forward to its backward, so the forward's tile is kept for
-        the backward to reuse: a small batch then costs the textbook loss's three products, not four,
-        and the memory stays within the budget. A tile is reused only for the very same, unmodified
-        operands."""
-        rows, cols = self._tile_grid(x, y)
-        if rows < x.shape[0] or cols < y.shape[0]:
+    def _keep(self, x, y, scale, exclude_diagonal, logits) -> None:
+        if not torch.compiler.is_compiling():
+            self._kept = (*self._tile_key(x, y, scale, exclude_diagonal), logits)
+
+    def _take_kept(self, x, y, scale, exclude_diagonal) -> Optional[Tensor]:
+        """The forward's tile of these very operands, once, or None."""
+        if torch.compiler.is_compiling() or self._kept is None:
             return None
-        # A compiled graph keeps no tile on the side (it cannot mutate the backend); it recomputes.
-        remember = not torch.compiler.is_compiling()
-        if remember:
-            operands, state = (x, y, scale), (exclude_diagonal, x._version, y._version, scale._version)
-            kept, self._kept = self._kept, None
-            if kept is not None and all(a is b for a, b in zip(kept[0], operands)) and kept[1] == state:
-                return kept[2]
-        dtype = statistics_dtype(x.dtype)
-        logits = torch.mm(x.to(dtype), y.to(dtype).T).mul_(scale.to(dtype))
-        if exclude_diagonal:
-            logits.diagonal().fill_(-torch.inf)
-        if keep and remember:
-            self._kept = (operands, state, logits)
-        return logits
+        (operands, state, logits), self._kept = self._kept, None
+        same = all(a is b for a, b in zip(operands, (x, y, scale)))
+        return logits if same and state == self._tile_key(x, y, scale, exclude_diagonal)[1] else None
 
     def lse(
         self,
@@ -178,9 +174,6 @@ class TorchTiles:
         exclude_diagonal: bool = False,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """r_i = log sum_j exp(S_ij) and/or c_j = log sum_i exp(S_ij), from one product per tile."""
-        logits = self._one_tile(x, y, scale, exclude_diagonal, keep=True)
-        if logits is not None:
-            return (_logsumexp(logits, dim=1) if rows else None), (_logsumexp(logits, dim=0) if cols else None)
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
         block_rows, block_cols = self._tile_grid(x, y)
@@ -193,10 +186,12 @@ class TorchTiles:
                 logits = x_scaled @ y[j].to(dtype).T
                 if exclude_diagonal:
                     _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
+                if block_rows >= n and block_cols >= m:
+                    self._keep(x, y, scale, exclude_diagonal, logits)
                 if rows:
-                    row_lse[i] = torch.logaddexp(row_lse[i], _logsumexp(logits, dim=1))
+                    row_lse[i] = torch.logaddexp(row_lse[i], logsumexp(logits, dim=1))
                 if cols:
-                    col_lse[j] = torch.logaddexp(col_lse[j], _logsumexp(logits, dim=0))
+                    col_lse[j] = torch.logaddexp(col_lse[j], logsumexp(logits, dim=0))
         return row_lse, col_lse
 
     def softplus_sums(self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *,
@@ -242,9 +237,7 @@ class TorchTiles:
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
         s = scale.to(dtype)
-        logits = self._one_tile(x, y, scale, exclude_diagonal, keep=False) if function == "exp" else None
-        if logits is not None:
-            return self._one_tile_grad(x, y, s, logits, a, o, b, p, positives, need_dx, need_dy, need_ds)
+        kept = self._take_kept(x, y, scale, exclude_diagonal) if function == "exp" else None  # one tile, if any
         block_rows, block_cols = self._tile_grid(x, y)
         # Unscaled accumulators G @ y and G^T @ x; ds = x . (G y) needs the former.
         gy = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
@@ -256,7 +249,7 @@ class TorchTiles:
                 x_scaled = x_block * s
                 for j in _blocks(m, block_cols):
                     y_block = y[j].to(dtype)
-                    logits = x_scaled @ y_block.T
+                    logits = kept if kept is not None else x_scaled @ y_block.T
                     if exclude_diagonal:
                         _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
                     weights = _weights(logits, a, o, b, p, i, j, function)
@@ -275,27 +268,4 @@ class TorchTiles:
                 ds += torch.sum(gy[i] * x_block)
         dx = gy.mul_(s).to(x.dtype) if need_dx else None
         dy = gtx.mul_(s).to(y.dtype) if need_dy else None
-        return dx, dy, ds
-
-    @staticmethod
-    def _one_tile_grad(x, y, s, logits, a, o, b, p, positives, need_dx, need_dy, need_ds):
-        """weighted_grad's products from S whole."""
-        dtype = s.dtype
-        everything = slice(0, None)
-        if a is None and b is None:
-            weights = torch.zeros_like(logits)
-        else:
-            weights = _weights(logits, a, o, b, p, everything, everything, "exp")
-        x_, y_ = x.to(dtype), y.to(dtype)
-        gy = weights @ y_ if (need_dx or need_ds) else None
-        gtx = weights.T @ x_ if need_dy else None
-        if positives is not None:  # as the tiled path adds them: a gather and an index_add, O((N + M) D)
-            targets, coeff = positives[0], positives[1][:, None].to(dtype)
-            if gy is not None:
-                gy.addcmul_(y_[targets], coeff)
-            if gtx is not None:
-                gtx.index_add_(0, targets, x_ * coeff)
-        dx = (gy * s).to(x.dtype) if need_dx else None
-        dy = gtx.mul_(s).to(y.dtype) if need_dy else None
-        ds = torch.sum(gy * x_) if need_ds else None
         return dx, dy, ds
