@@ -1,6 +1,7 @@
 # The two commands of the README. Each makes its own virtualenv (.venv) and installs what it needs.
 #   make test    the test suite
 #   make bench   the CPU (or GPU, if present) memory and speed benchmark
+#   make docs    the documentation site (mkdocs.yml, docs/) into build/site; make docs-serve to browse it
 # On a machine without a GPU, torch==2.13.0 is a CPU build; override with TORCH="torch==..." for CUDA.
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ CUDA_ARCHS ?= 8.0;9.0+PTX
 # The requirements of an extra of pyproject.toml, shell-quoted: dependencies are declared there, once.
 extra = $(shell $(PYTHON) -c "import shlex, tomllib; print(' '.join(map(shlex.quote, tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['$(1)'])))")
 
-.PHONY: test test-fast bench cuda-build-check clean
+.PHONY: test test-fast bench tables docs docs-serve cuda-build-check clean
 
 test: $(VENV)/.flashcl
 	FLASHCL_REQUIRE_PEERS=1 $(PY) -m pytest -q
@@ -30,11 +31,29 @@ test-fast: $(VENV)/.flashcl
 bench: $(VENV)/.flashcl
 	$(PY) benchmarks/bench_clip_loss.py
 
+# Every results table in README.md and docs/ refilled from the results files (--check: fail if one is stale).
+tables: $(VENV)/.flashcl
+	$(PY) tools/generate_tables.py
+
+# The documentation site: strict, so a broken link or a docstring warning fails the build. The API
+# reference reads the docstrings from python/ (no install needed); the plots come from the results folders.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's banner about MkDocs 2.0 (a notice, not a build warning).
+docs: $(VENV)/.docs $(VENV)/.flashcl
+	$(PY) tools/generate_tables.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+docs-serve: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q $(call extra,test) $(call extra,bench)
 	$(PY) -m pip install -q --no-deps $(call extra,peers)
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.deps
+	$(PY) -m pip install -q $(call extra,docs)
 	touch $@
 
 # A real (non-editable) install, so the tests exercise the package as users get it.

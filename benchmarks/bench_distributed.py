@@ -11,37 +11,24 @@ oversubscribed machine, not the method; memory is the point.
     python benchmarks/bench_distributed.py                        # world sizes 1 2 4, batch 4096..16384
     python benchmarks/bench_distributed.py --world-sizes 2 --batch-sizes 4096 --repeats 1
 
-Writes <out>.json, <out>.md (the README's table) and <out>.png.
+Writes <out>.json (the harness's results schema) and <out>.png; tables: tools/generate_tables.py.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
 import socket
-import statistics
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from bench_clip_loss import current_rss, machine
+import harness
+from peers import open_clip_loss_module
 
 IMPLEMENTATIONS = ("open_clip", "flashcl")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def open_clip_loss_module():
-    """open_clip's loss.py on its own (the package import needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        raise SystemExit("open_clip is needed: pip install --no-deps open_clip_torch==3.3.0")
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def rank_worker(rank, world_size, port, impl, batch, dim, repeats, out_dir):
@@ -54,7 +41,7 @@ def rank_worker(rank, world_size, port, impl, batch, dim, repeats, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=10))
-    make = flashcl.ClipLoss if impl == "flashcl" else open_clip_loss_module().ClipLoss
+    make = flashcl.ClipLoss if impl == "flashcl" else open_clip_loss_module(required=True).ClipLoss
     loss_fn = make(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     local = batch // world_size
     tiny = torch.randn(4, dim, requires_grad=True)
@@ -64,29 +51,30 @@ def rank_worker(rank, world_size, port, impl, batch, dim, repeats, out_dir):
     text = F.normalize(image.detach() + 0.5 * torch.randn(local, dim, generator=generator), dim=1).requires_grad_()
     log_scale = torch.tensor(2.659, requires_grad=True)
     dist.barrier()
-    baseline = current_rss()
     times = []
-    for _ in range(repeats + 1):
-        image.grad = text.grad = log_scale.grad = None
-        dist.barrier()
-        start = time.perf_counter()
-        loss_fn(image, text, log_scale.exp()).backward()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    Path(out_dir, f"{rank}.json").write_text(json.dumps({"peak_bytes": peak, "times_s": times[1:]}))
+    with harness.PeakMemory("cpu") as peak:
+        for _ in range(repeats + 1):
+            image.grad = text.grad = log_scale.grad = None
+            dist.barrier()
+            start = time.perf_counter()
+            loss_fn(image, text, log_scale.exp()).backward()
+            times.append(time.perf_counter() - start)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps({"peak_bytes": peak.bytes, "times_s": times[1:]}))
     dist.destroy_process_group()
 
 
-def run_point(impl, world_size, batch, dim, repeats) -> dict:
+def measure(point: dict) -> dict:
+    """One point: a fresh set of rank processes; the largest rank's peak, the slowest rank's times."""
     import torch.multiprocessing as mp
 
+    world_size, repeats = point["world_size"], point["repeats"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(rank_worker, args=(world_size, port, impl, batch, dim, repeats, out_dir),
-                               nprocs=world_size, start_method="spawn")
+            mp.start_processes(rank_worker, args=(world_size, port, point["impl"], point["batch"], point["dim"],
+                                                  repeats, out_dir), nprocs=world_size, start_method="spawn")
         except Exception as error:
             # Every rank measured and wrote its result, then one died tearing gloo down: keep the measurement.
             if not all(Path(out_dir, f"{r}.json").exists() for r in range(world_size)):
@@ -94,55 +82,33 @@ def run_point(impl, world_size, batch, dim, repeats) -> dict:
         ranks = [json.loads(Path(out_dir, f"{r}.json").read_text()) for r in range(world_size)]
     slowest = [max(r["times_s"][i] for r in ranks) for i in range(repeats)]
     return {"peak_bytes": max(r["peak_bytes"] for r in ranks), "per_rank_peak_bytes": [r["peak_bytes"] for r in ranks],
-            "times_s": slowest, "median_s": statistics.median(slowest)}
+            **harness.timing(slowest)}
 
 
-def table(points) -> str:
-    rows = ["| world size | global batch | rows per rank | open_clip time | flashcl time | time ratio "
-            "| open_clip peak per rank | flashcl peak per rank | memory ratio |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    by_key = {(p["world_size"], p["batch"], p["impl"]): p for p in points}
-    for world_size, batch in sorted({(p["world_size"], p["batch"]) for p in points}):
-        ref, ours = by_key.get((world_size, batch, "open_clip"), {}), by_key.get((world_size, batch, "flashcl"), {})
-        t = lambda p: f"{p['median_s'] * 1e3:.0f} ms" if "median_s" in p else p.get("error", "-")
-        mem = lambda p: f"{p['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in p else "-"
-        ratio_t = f"{ours['median_s'] / ref['median_s']:.2f}x" if "median_s" in ref and "median_s" in ours else "-"
-        ratio_m = (f"{100 * ours['peak_bytes'] / ref['peak_bytes']:.1f}%"
-                   if "peak_bytes" in ref and "peak_bytes" in ours and ref["peak_bytes"] > 0 else "-")
-        rows.append(f"| {world_size} | {batch} | {batch // world_size} | {t(ref)} | {t(ours)} | {ratio_t} "
-                    f"| {mem(ref)} | {mem(ours)} | {ratio_m} |")
-    return "\n".join(rows)
+def tables(results: dict) -> dict[str, str]:
+    settings = results["settings"]
+    caption = (f"ClipLoss(local_loss=True, gather_with_grad=True) forward + backward per rank, D = {settings['dim']}, "
+               f"float32, gloo, one thread per rank; median of {settings['repeats']} runs of the slowest rank; peak "
+               "memory above the inputs, largest rank.")
+    cases = [("world size", lambda r: r["world_size"]), ("global batch", lambda r: r["batch"]),
+             ("rows per rank", lambda r: r["batch"] // r["world_size"])]
+    table = harness.comparison_table(results["rows"], cases, baseline="open_clip", time_digits=0,
+                                     order=lambda r: (r["world_size"], r["batch"]))
+    return {"distributed": caption + "\n\n" + table.replace("open_clip peak", "open_clip peak per rank")
+            .replace("flashcl peak", "flashcl peak per rank")}
 
 
-def plot(points, meta, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"open_clip": "tab:red", "flashcl": "tab:blue"}
-    for impl in IMPLEMENTATIONS:
-        for world_size, line in zip(sorted({p["world_size"] for p in points}), ("-", "--", ":")):
-            ok = sorted((p for p in points if (p["impl"], p["world_size"]) == (impl, world_size) and "median_s" in p),
-                        key=lambda p: p["batch"])
-            if not ok:
-                continue
-            style = dict(color=colors[impl], linestyle=line, marker="o" if impl == "open_clip" else "s",
-                         label=f"{impl}, {world_size} rank{'s' if world_size > 1 else ''}")
-            ax_mem.plot([p["batch"] for p in ok], [max(p["peak_bytes"], 2**20) / 2**20 for p in ok], **style)
-            ax_time.plot([p["batch"] for p in ok], [p["median_s"] * 1e3 for p in ok], **style)
-    for ax, label in ((ax_mem, "peak memory per rank above inputs (MiB)"), (ax_time, "forward + backward (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("global batch")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_time.legend(fontsize=8)
-    fig.suptitle(f"ClipLoss(local_loss=True, gather_with_grad=True), D={meta['dim']}, float32, gloo on "
-                 f"{meta['device']} (1 thread per rank), torch {meta['torch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(results: dict, path: Path) -> None:
+    sizes = sorted({row["world_size"] for row in results["rows"]})
+    harness.plot_lines(
+        results["rows"], path, x="batch",
+        series=lambda r: f"{r['impl']}, {r['world_size']} rank{'s' if r['world_size'] > 1 else ''}",
+        panels=[("peak_bytes", "peak memory per rank above inputs (MiB)", 2**20),
+                ("median_s", "forward + backward (ms)", 1e-3)],
+        style=lambda r: {"color": "tab:red" if r["impl"] == "open_clip" else "tab:blue",
+                         "linestyle": ("-", "--", ":")[sizes.index(r["world_size"]) % 3]},
+        title=f"ClipLoss(local_loss=True, gather_with_grad=True), D={results['settings']['dim']}, float32, gloo on "
+              f"{results['provenance']['machine']['device']} (1 thread per rank)", xlabel="global batch")
 
 
 def main():
@@ -155,27 +121,21 @@ def main():
     args = parser.parse_args()
     from tqdm import tqdm
 
-    meta = {**machine("cpu"), "dim": args.dim, "dtype": "float32", "repeats": args.repeats, "threads_per_rank": 1}
+    settings = {"dim": args.dim, "dtype": "float32", "repeats": args.repeats, "threads_per_rank": 1}
+    results = harness.new_results(__file__, settings)
     grid = [(w, b, impl) for w in args.world_sizes for b in args.batch_sizes for impl in IMPLEMENTATIONS]
-    points = []
     for w, b, impl in tqdm(grid, desc="distributed points", unit="point"):
         for attempt in (1, 2):  # gloo on loopback occasionally aborts a rank at start-up: one retry, recorded
-            point = {"impl": impl, "world_size": w, "batch": b, "attempt": attempt,
-                     **run_point(impl, w, b, args.dim, args.repeats)}
-            if "error" not in point:
+            row = harness.run_point(__file__, {"impl": impl, "world_size": w, "batch": b, "attempt": attempt},
+                                    settings=settings)
+            if "error" not in row:
                 break
-        points.append(point)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": meta, "points": points}, indent=2) + "\n")
-    header = (f"ClipLoss(local_loss=True, gather_with_grad=True) forward + backward per rank, D = {args.dim}, float32, "
-              f"gloo on {meta['device']} (one thread per rank), torch {meta['torch']}, flashcl {meta['commit']}, "
-              f"{meta['date'][:10]}; median of {args.repeats} runs of the slowest rank; peak memory above the "
-              "inputs, largest rank.")
-    markdown = header + "\n\n" + table(points)
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(points, meta, args.out.with_suffix(".png"))
-    print(markdown)
+        results["rows"].append(row)
+    path = harness.write_results(args.out, results, plot)
+    print(tables(results)["distributed"])
+    print(f"\nwrote {path} and .png")
 
 
 if __name__ == "__main__":
+    harness.serve_worker(measure)
     main()

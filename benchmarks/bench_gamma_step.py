@@ -6,22 +6,45 @@ the same. Forward + backward, the two interleaved run by run so that drifts in t
 speed hit both alike; median over the runs.
 
     python benchmarks/bench_gamma_step.py            # CPU (CUDA if present)
+
+Writes <out>.json (the harness's results schema); tables: tools/generate_tables.py.
 """
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-import flashcl
+import harness
+from bench_clip_loss import clip_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(batch: int, dim: int, device: str, runs: int, num_samples: int) -> list[dict]:
+    import torch
+
+    import flashcl
+
+    image, text, scale = clip_inputs(batch, dim, device)
+    gamma = flashcl.GammaContrastiveLoss(num_samples=num_samples, shape=1.0, state_device=device)
+    index = torch.randperm(num_samples, device=device)[:batch]
+    losses = {"clip_loss": lambda: flashcl.clip_loss(image, text, scale),
+              "GammaContrastiveLoss": lambda: gamma(image, text, scale, index)}
+
+    def step(loss):
+        def run():
+            image.grad = text.grad = scale.grad = None
+            loss().backward()
+        return run
+
+    times = harness.time_interleaved({name: step(loss) for name, loss in losses.items()}, runs, device=device)
+    return [{"impl": name, "batch": batch, "dim": dim, **harness.timing(times[name])} for name in losses]
+
+
+def tables(results: dict) -> dict[str, str]:
+    caption = (f"Forward + backward, float32, medians of {results['settings']['runs']} interleaved runs; the gamma "
+               f"loss's state holds {results['settings']['num_samples']} samples.")
+    table = harness.comparison_table(results["rows"], [("batch", lambda r: r["batch"]), ("dim", lambda r: r["dim"])],
+                                     baseline="clip_loss", contender="GammaContrastiveLoss", memory=False)
+    return {"gamma_step": caption + "\n\n" + table}
 
 
 def main():
@@ -31,47 +54,18 @@ def main():
     parser.add_argument("--num-samples", type=int, default=1_000_000, help="dataset size of the state")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch
+    from tqdm import tqdm
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    rows = []
-    for shape in args.shapes:
-        n, d = (int(v) for v in shape.split(":"))
-        generator = torch.Generator(device).manual_seed(0)
-        a = F.normalize(torch.randn(n, d, device=device, generator=generator), dim=1).requires_grad_()
-        b = F.normalize(torch.randn(n, d, device=device, generator=generator), dim=1).requires_grad_()
-        scale = torch.tensor(14.3, device=device, requires_grad=True)
-        gamma = flashcl.GammaContrastiveLoss(num_samples=args.num_samples, shape=1.0, state_device=device)
-        index = torch.randperm(args.num_samples, device=device)[:n]
-        steps = {"clip_loss": lambda: flashcl.clip_loss(a, b, scale),
-                 "GammaContrastiveLoss": lambda: gamma(a, b, scale, index)}
-        times = {name: [] for name in steps}
-        for run in tqdm(range(args.runs + 1), desc=f"N={n} D={d}"):
-            for name, step in steps.items():
-                a.grad = b.grad = scale.grad = None
-                sync()
-                start = time.perf_counter()
-                step().backward()
-                sync()
-                if run:  # the first run of each warms up
-                    times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        rows.append({"n": n, "d": d, "median_s": medians, "times_s": times,
-                     "ratio": medians["GammaContrastiveLoss"] / medians["clip_loss"]})
-        print(f"N={n} D={d}: clip_loss {medians['clip_loss'] * 1e3:.1f} ms, GammaContrastiveLoss "
-              f"{medians['GammaContrastiveLoss'] * 1e3:.1f} ms, ratio {rows[-1]['ratio']:.3f}")
-
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "runs": args.runs, "num_samples": args.num_samples}
-    out = args.out or RESULTS / f"gamma_step_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = harness.new_results(__file__, {"device": device, "runs": args.runs, "num_samples": args.num_samples},
+                                  device)
+    for shape in tqdm(args.shapes, desc="gamma step shapes", unit="shape"):
+        batch, dim = (int(v) for v in shape.split(":"))
+        results["rows"] += measure(batch, dim, device, args.runs, args.num_samples)
+    path = harness.write_results(args.out or RESULTS / f"gamma_step_{device}", results)
+    print(tables(results)["gamma_step"])
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,18 +22,15 @@ The JSON also records the Triton configs the autotuner chose, for tuning the gri
     python benchmarks/bench_gpu.py --dims 768 --batch-sizes 4096 --contenders triton textbook
     python benchmarks/bench_gpu.py --loss siglip --dims 768 --batch-sizes 16384 65536 --extra
 
-Writes <out>.json, <out>.md and <out>.png. Without CUDA it runs on the CPU with wall-clock
+Writes <out>.json (the harness's results schema) and <out>.png. Without CUDA it runs on the CPU with wall-clock
 timing, for smoke tests only.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -42,22 +39,12 @@ import torch
 import torch.nn.functional as F
 
 import flashcl
-from bench_clip_loss import clip_loss_textbook, git_commit  # the same textbook loss and provenance
+import harness
+from peers import clip_loss_textbook, open_clip_loss_module
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLASHCL_BACKENDS = ("triton", "cuda")
 CONTENDERS = (*FLASHCL_BACKENDS, "textbook", "open_clip", "inf_cl", "siglip_kernel")
-
-
-def open_clip_loss_module():
-    """open_clip's loss.py on its own (the package import needs torchvision, loss.py does not), or None."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        return None
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def load_contender(name, device, dtype, loss="clip"):
@@ -187,13 +174,14 @@ def measure(loss_fn, n, d, device, dtype, forward_alone=False):
             with torch.no_grad():
                 forward_ms = median_ms(lambda: loss_fn(image, text, log_scale.exp()), device, [])
     except torch.OutOfMemoryError:
-        return {"error": "OOM"}
+        return {"error": "out of memory"}
     finally:
         for t in leaves:
             t.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"ms": ms, "forward_ms": forward_ms, "loss": loss, "peak_above_inputs_and_grads_bytes": peak}
+    return {"median_s": ms / 1e3, "forward_median_s": None if forward_ms is None else forward_ms / 1e3, "loss": loss,
+            "peak_bytes": peak}
 
 
 def triton_choices():
@@ -211,65 +199,55 @@ def triton_choices():
             for name, kernel in tuned.items()}
 
 
-def machine(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    versions = {"torch": torch.__version__, "flashcl": flashcl.__version__, "python": platform.python_version()}
-    for package in ("triton", "inf_cl", "open_clip"):
-        if importlib.util.find_spec(package) is not None:
-            from importlib.metadata import PackageNotFoundError, version
+def peer_versions():
+    from importlib.metadata import PackageNotFoundError, version
 
+    versions = {}
+    for package, distribution in (("inf_cl", "inf-cl"), ("open_clip", "open_clip_torch"),
+                                  ("siglip_kernel", "siglip-kernel")):
+        if importlib.util.find_spec(package) is not None:
             try:
-                versions[package] = version({"inf_cl": "inf-cl", "open_clip": "open_clip_torch"}.get(package, package))
+                versions[package] = version(distribution)
             except PackageNotFoundError:
                 versions[package] = "unknown"
-    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "versions": versions}
+    return versions
 
 
-def table(points, meta):
-    what = "SigLIP's sigmoid loss" if meta.get("loss") == "siglip" else "Symmetric CLIP loss"
-    lines = [f"{what}, forward + backward, {meta['dtype']}, {meta['device']}, {meta['date'][:10]}, "
-             f"flashcl {meta['commit']}; matmul {meta['matmul_tflops']:.3g} TFLOP/s and "
-             f"{meta['exp_per_s'] / 1e12:.3g} Texp/s measured in this run; median time.",
-             "", "| N | D | contender | time | forward | % of floor | vs fastest flashcl | "
-                 "peak above inputs + grads |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for p in points:
-        if "ms" not in p:
-            lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p.get('error', '-')} | | | | |")
-            continue
-        ours = [q["ms"] for q in points if q["n"] == p["n"] and q["d"] == p["d"]
-                and q["contender"] in FLASHCL_BACKENDS and "ms" in q]
-        ratio = f"{p['ms'] / min(ours):.2f}x" if ours else "-"
-        forward = f"{p['forward_ms']:.2f} ms" if p.get("forward_ms") is not None else "-"
-        peak = p["peak_above_inputs_and_grads_bytes"]
-        peak = f"{peak / 2**20:.0f} MiB" if peak is not None else "-"
-        lines.append(f"| {p['n']} | {p['d']} | {p['contender']} | {p['ms']:.2f} ms | {forward} | "
-                     f"{100 * p['floor_ms'] / p['ms']:.0f}% | {ratio} | {peak} |")
-    return "\n".join(lines)
+def tables(results):
+    settings = results["settings"]
+    what = "SigLIP's sigmoid loss" if settings["loss"] == "siglip" else "Symmetric CLIP loss"
+    caption = (f"{what}, forward + backward, {settings['dtype']}; matmul {settings['matmul_tflops']:.3g} TFLOP/s and "
+               f"{settings['exp_per_s'] / 1e12:.3g} Texp/s measured in the same run; median time; the floor is "
+               f"{settings['floor']}; peak memory above the inputs and their gradients.")
+    rows = results["rows"]
+
+    def fastest_flashcl(row):
+        ours = [r["median_s"] for r in rows if (r["batch"], r["dim"]) == (row["batch"], row["dim"])
+                and r["impl"] in FLASHCL_BACKENDS and "median_s" in r]
+        return min(ours) if ours else None
+
+    def measured(cell):
+        return lambda row: cell(row) if "median_s" in row else ""
+
+    table = harness.markdown_table([
+        ("N", lambda r: r["batch"]), ("D", lambda r: r["dim"]), ("contender", lambda r: r["impl"]),
+        ("time", lambda r: harness.time_or_error(r, 2)),
+        ("forward", measured(lambda r: harness.ms(r.get("forward_median_s"), 2))),
+        ("% of floor", measured(lambda r: f"{100 * r['floor_s'] / r['median_s']:.0f}%")),
+        ("vs fastest flashcl", measured(lambda r: harness.ratio(r["median_s"], fastest_flashcl(r)))),
+        ("peak", measured(lambda r: harness.mib(r.get("peak_bytes"))))], rows, align="rrlrrrrr")
+    return {settings["loss"]: caption + "\n\n" + table}
 
 
-def plot(points, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dims = sorted({p["d"] for p in points})
-    fig, axes = plt.subplots(1, len(dims), figsize=(4.5 * len(dims), 4), squeeze=False)
-    for ax, d in zip(axes[0], dims):
-        for name in CONTENDERS:
-            ok = sorted((p for p in points if p["d"] == d and p["contender"] == name and "ms" in p),
-                        key=lambda p: p["n"])
-            if ok:
-                ax.plot([p["n"] for p in ok], [p["ms"] for p in ok], marker="o", label=name)
-        floor = sorted({(p["n"], p["floor_ms"]) for p in points if p["d"] == d})
-        ax.plot([n for n, _ in floor], [f for _, f in floor], "k--", label="floor")
-        ax.set(xscale="log", yscale="log", xlabel="N = M", ylabel="ms", title=f"D = {d}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(results, path):
+    rows = results["rows"]
+    floors = [{"impl": "floor", "batch": r["batch"], "dim": r["dim"], "median_s": r["floor_s"]}
+              for r in rows if r["impl"] == rows[0]["impl"]]
+    harness.plot_lines(rows + floors, path, x="batch", series=lambda r: r["impl"], facet=lambda r: f"D = {r['dim']}",
+                       panels=[("median_s", "forward + backward (ms)", 1e-3)],
+                       style=lambda r: {"color": "k", "linestyle": "--", "marker": ""} if r["impl"] == "floor" else {},
+                       title=f"{results['settings']['loss']} loss, {results['provenance']['machine']['device']}",
+                       xlabel="N = M")
 
 
 def main():
@@ -289,31 +267,29 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from tqdm import tqdm
 
-    meta = {**machine(device), "matmul_tflops": matmul_tflops(device), "exp_per_s": exp_rate(device),
-            "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)", "dtype": str(dtype)[6:], "loss": args.loss}
+    settings = {"loss": args.loss, "dtype": str(dtype)[6:], "matmul_tflops": matmul_tflops(device),
+                "exp_per_s": exp_rate(device), "floor": "max(8 N M D / matmul rate, 2 N M / exp rate)",
+                "peak": "above the inputs and their gradients", "peer_versions": peer_versions()}
+    results = harness.new_results(__file__, settings, str(device))
     grid = [(n, d) for d in args.dims for n in args.batch_sizes]
     grid += [tuple(int(v) for v in point.split(":")) for point in args.extra]
     loss_fns = {name: load_contender(name, device, dtype, args.loss) for name in args.contenders}
-    points = []
     for (n, d), name in tqdm([(shape, name) for shape in grid for name in args.contenders], desc="points"):
-        floor_ms = 1e3 * max(8 * n * n * d / (meta["matmul_tflops"] * 1e12), 2 * n * n / meta["exp_per_s"])
-        point = {"n": n, "d": d, "contender": name, "floor_ms": floor_ms}
+        floor_s = max(8 * n * n * d / (settings["matmul_tflops"] * 1e12), 2 * n * n / settings["exp_per_s"])
+        row = {"impl": name, "batch": n, "dim": d, "floor_s": floor_s}
         if loss_fns[name] is None:
-            point["error"] = "not available"
+            row["error"] = "not available"
         elif name == "inf_cl" and d % 256:
-            point["error"] = "D not a multiple of 256"
+            row["error"] = "D not a multiple of 256"
         else:
-            point.update(measure(loss_fns[name], n, d, device, dtype, forward_alone=name in FLASHCL_BACKENDS))
-        points.append(point)
-    meta["triton_configs"] = triton_choices()
+            row.update(measure(loss_fns[name], n, d, device, dtype, forward_alone=name in FLASHCL_BACKENDS))
+        results["rows"].append(row)
+    results["triton_configs"] = triton_choices()
 
-    stem = args.out or RESULTS / f"{args.loss}_loss_{device.type}_{meta['device'].replace(' ', '_')}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"machine": meta, "points": points}, indent=2) + "\n")
-    markdown = table(points, meta)
-    stem.with_suffix(".md").write_text(markdown + "\n")
-    plot(points, stem.with_suffix(".png"))
-    print(markdown)
+    device_name = results["provenance"]["machine"]["device"].replace(" ", "_")
+    path = harness.write_results(args.out or RESULTS / f"{args.loss}_loss_{device.type}_{device_name}", results, plot)
+    print(tables(results)[args.loss])
+    print(f"\nwrote {path} and .png")
 
 
 if __name__ == "__main__":

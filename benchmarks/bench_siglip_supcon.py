@@ -12,16 +12,15 @@ several runs after a warm-up. The peers:
     python benchmarks/bench_siglip_supcon.py                      # N 1024..16384 rows, D 256
     python benchmarks/bench_siglip_supcon.py --batch-sizes 1024 --dims 256 --repeats 1
 
-Writes <out>.json, <out>.md (the README's table) and <out>.png.
+Writes <out>.json (the harness's results schema) and <out>.png; tables: tools/generate_tables.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from bench_clip_loss import machine
-from bench_regularizers import measure, plot, run_point, table
+import harness
+from bench_regularizers import faceted_plot, named_comparison
 
 LOSSES = ("siglip", "supcon")
 PEERS = {"siglip": "open_clip", "supcon": "materialized"}
@@ -45,18 +44,21 @@ def materialized_supcon(features, labels):
     return -(mean_log_prob[count > 0]).mean()
 
 
-def worker(name: str, impl: str, batch: int, dim: int, device: str, repeats: int) -> dict:
+def measure(point: dict) -> dict:
+    """One point, in its own process: peak bytes above the inputs and run times."""
     import torch
     import torch.nn.functional as F
 
     import flashcl
 
+    name, impl, batch, dim, device = (point[key] for key in ("loss", "impl", "batch", "dim", "device"))
+
     generator = torch.Generator(device=device).manual_seed(0)
     unit = lambda *shape: F.normalize(torch.randn(*shape, device=device, generator=generator), dim=-1)
     if name == "siglip":
-        from bench_gpu import open_clip_loss_module
+        from peers import open_clip_loss_module
 
-        peer = open_clip_loss_module().SigLipLoss()
+        peer = open_clip_loss_module(required=True).SigLipLoss()
         loss_fn = peer if impl == "peer" else flashcl.siglip_loss
         log_scale = torch.tensor(2.3026, device=device, requires_grad=True)
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
@@ -70,7 +72,15 @@ def worker(name: str, impl: str, batch: int, dim: int, device: str, repeats: int
         call = lambda f: loss_fn(f, labels[:f.shape[0]])
         small, inputs, extra = [unit(8, VIEWS, dim)], [unit(samples, VIEWS, dim)], []
     call(*[x.requires_grad_() for x in small]).backward()  # one-time set-up (thread pools, lazy loads) off the clock
-    return measure(lambda: call(*inputs), [x.requires_grad_() for x in inputs] + extra, device, repeats)
+    return harness.measure_backward(lambda: call(*inputs), [x.requires_grad_() for x in inputs] + extra, device,
+                                    point["repeats"])
+
+
+def tables(results: dict) -> dict[str, str]:
+    caption = (f"SigLIP and SupCon forward + backward, float32, median of {results['settings']['repeats']} runs; "
+               f"peak memory above the inputs. Peer: open_clip's SigLipLoss for siglip, the materialized definition "
+               f"for supcon (batch = rows: batch / {VIEWS} samples of {VIEWS} views, {CLASSES} classes).")
+    return {"siglip_supcon": caption + "\n\n" + named_comparison(results["rows"], "loss", LOSSES, "peer")}
 
 
 def main() -> None:
@@ -80,33 +90,25 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[256])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per point, after one warm-up")
+    parser.add_argument("--cap-gib", type=float, default=16.0, help="memory cap per point")
     parser.add_argument("--out", type=Path, default=RESULTS / "siglip_supcon_cpu")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch_sizes[0], args.dims[0], args.device, args.repeats)))
-        return
 
     from tqdm import tqdm
 
-    meta = {**machine(args.device), "dtype": "float32", "repeats": args.repeats, "peers": PEERS}
+    settings = {"device": args.device, "dtype": "float32", "repeats": args.repeats, "cap_gib": args.cap_gib,
+                "peers": PEERS}
+    results = harness.new_results(__file__, settings, args.device)
     grid = [(name, impl, batch, dim) for name in args.losses for dim in args.dims
             for batch in args.batch_sizes for impl in IMPLEMENTATIONS]
-    points = [{"loss": name, "impl": impl, "batch": batch, "dim": dim,
-               **run_point(name, impl, batch, dim, args.device, args.repeats, script=__file__)}
-              for name, impl, batch, dim in tqdm(grid, desc="siglip/supcon points", unit="point")]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": meta, "points": points}, indent=2) + "\n")
-    header = (f"SigLIP and SupCon forward + backward, float32, {meta['device']} ({meta['cpu_threads']} threads), "
-              f"torch {meta['torch']}, flashcl {meta['commit']}, {meta['date'][:10]}; median of {args.repeats} "
-              f"runs; peak memory above the inputs. Peer: open_clip's SigLipLoss for siglip, the materialized "
-              f"definition for supcon (batch = rows: batch / {VIEWS} samples of {VIEWS} views, {CLASSES} classes).")
-    markdown = header + "\n\n" + table(points, "loss", LOSSES, "peer")
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(points, meta, args.out.with_suffix(".png"), "loss", LOSSES, IMPLEMENTATIONS, "SigLIP and SupCon")
-    print(markdown)
-    print(f"\nwrote {args.out.with_suffix('.json')}, .md and .png")
+    for name, impl, batch, dim in tqdm(grid, desc="siglip/supcon points", unit="point"):
+        point = {"loss": name, "impl": impl, "batch": batch, "dim": dim}
+        results["rows"].append(harness.run_point(__file__, point, settings=settings, cap_gib=args.cap_gib))
+    path = harness.write_results(args.out, results, lambda r, png: faceted_plot(r, png, "loss", "SigLIP and SupCon"))
+    print(tables(results)["siglip_supcon"])
+    print(f"\nwrote {path} and .png")
 
 
 if __name__ == "__main__":
+    harness.serve_worker(measure)
     main()

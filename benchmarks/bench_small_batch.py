@@ -6,80 +6,76 @@ timed interleaved in one process (textbook, flashcl, textbook, ...), with the op
 
 Each point: fp32, unit-norm random pairs, a learnable logit scale, the default (torch) backend on the
 CPU. Reports the median of each and their ratio, the ratio's spread over the interleaved pairs, and the
-aten operators one forward + backward dispatches. Writes <out>.json and <out>.md.
+aten operators one forward + backward dispatches. Writes <out>.json (the harness's results schema).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import flashcl
-from bench_clip_loss import clip_loss_textbook, git_commit
+import harness
+from bench_clip_loss import clip_inputs
+from peers import clip_loss_textbook
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_POINTS = ["256:256", "256:768", "1024:256", "1024:768", "16384:256"]
 
 
-class CountOperators(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+def count_operators(step) -> int:
+    """The aten operators one call of step() dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    class CountOperators(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOperators.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountOperators():
+        step()
+    return CountOperators.count
 
 
-def measure(batch: int, dim: int, runs: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    image = F.normalize(torch.randn(batch, dim, generator=generator), dim=1).requires_grad_()
-    text = F.normalize(image.detach() + 0.5 * torch.randn(batch, dim, generator=generator), dim=1).requires_grad_()
-    scale = torch.tensor(1 / 0.07, requires_grad=True)
+def measure(batch: int, dim: int, runs: int) -> list[dict]:
+    import flashcl
+
+    inputs = clip_inputs(batch, dim, "cpu")
     losses = {"textbook": clip_loss_textbook, "flashcl": flashcl.clip_loss}
 
     def step(loss_fn):
-        image.grad = text.grad = scale.grad = None
-        started = time.perf_counter()
-        loss_fn(image, text, scale).backward()
-        return time.perf_counter() - started
+        def run():
+            for leaf in inputs:
+                leaf.grad = None
+            loss_fn(*inputs).backward()
+        return run
 
-    for loss_fn in losses.values():  # warm-up: thread pools, first allocations
-        step(loss_fn)
-    times = {name: [] for name in losses}
-    for _ in range(runs):
-        for name, loss_fn in losses.items():
-            times[name].append(step(loss_fn))
-    operators = {}
-    for name, loss_fn in losses.items():
-        with CountOperators() as counter:
-            loss_fn(image, text, scale).backward()
-        operators[name] = counter.count
-    pairs = sorted(f / t for f, t in zip(times["flashcl"], times["textbook"]))
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    return dict(batch=batch, dim=dim, runs=runs, textbook_ms=1e3 * median["textbook"],
-                flashcl_ms=1e3 * median["flashcl"], ratio=median["flashcl"] / median["textbook"],
-                pair_ratio_quartiles=[pairs[len(pairs) // 4], pairs[len(pairs) // 2], pairs[3 * len(pairs) // 4]],
-                operators=operators)
+    times = harness.time_interleaved({name: step(fn) for name, fn in losses.items()}, runs)
+    pairs = [ours / theirs for ours, theirs in zip(times["flashcl"], times["textbook"])]
+    rows = [{"impl": name, "batch": batch, "dim": dim, "runs": runs, **harness.timing(times[name]),
+             "operators": count_operators(step(fn))} for name, fn in losses.items()]
+    rows[1]["pair_ratio_quartiles"] = harness.quartiles(pairs)
+    return rows
 
 
-def table(points) -> str:
-    rows = ["| batch | dim | runs | textbook | flashcl | ratio | pairs' ratio (quartiles) | operators (textbook, flashcl) |",
-            "|---:|---:|---:|---:|---:|---:|---|---|"]
-    for p in points:
-        q = p["pair_ratio_quartiles"]
-        rows.append(f"| {p['batch']} | {p['dim']} | {p['runs']} | {p['textbook_ms']:.2f} ms | {p['flashcl_ms']:.2f} ms "
-                    f"| {p['ratio']:.2f}x | {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} | "
-                    f"{p['operators']['textbook']}, {p['operators']['flashcl']} |")
-    return "\n".join(rows)
+def tables(results: dict) -> dict[str, str]:
+    pairs = {}
+    for row in results["rows"]:
+        pairs.setdefault((row["batch"], row["dim"]), {})[row["impl"]] = row
+
+    def quartiles(pair):
+        return " / ".join(f"{q:.2f}" for q in pair["flashcl"]["pair_ratio_quartiles"])
+
+    table = harness.markdown_table([
+        ("batch", lambda p: p["textbook"]["batch"]), ("dim", lambda p: p["textbook"]["dim"]),
+        ("runs", lambda p: p["textbook"]["runs"]), ("textbook", lambda p: harness.ms(p["textbook"]["median_s"], 2)),
+        ("flashcl", lambda p: harness.ms(p["flashcl"]["median_s"], 2)),
+        ("ratio", lambda p: harness.ratio(p["flashcl"]["median_s"], p["textbook"]["median_s"])),
+        ("pairs' ratio (quartiles)", quartiles),
+        ("operators (textbook, flashcl)", lambda p: f"{p['textbook']['operators']}, {p['flashcl']['operators']}")],
+        pairs.values(), align="rrrrrrll")
+    caption = "CLIP loss forward + backward, float32, CPU; medians of interleaved runs."
+    return {"small_batch": caption + "\n\n" + table}
 
 
 def main(argv=None):
@@ -88,20 +84,15 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=21, help="interleaved runs per point (3 from batch 8192 on)")
     parser.add_argument("--out", type=Path, default=RESULTS / "small_batch_cpu")
     args = parser.parse_args(argv)
-    points = []
-    for point in args.points:
+    from tqdm import tqdm
+
+    results = harness.new_results(__file__, {"device": "cpu", "dtype": "float32", "runs": args.runs})
+    for point in tqdm(args.points, desc="small-batch points", unit="point"):
         batch, dim = map(int, point.split(":"))
-        points.append(measure(batch, dim, args.runs if batch < 8192 else min(args.runs, 3)))
-        print(table(points[-1:]).splitlines()[-1], flush=True)
-    meta = {"device": platform.processor() or "cpu", "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "flashcl": flashcl.__version__, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(machine=meta, points=points), indent=1))
-    caption = (f"CLIP loss forward + backward, float32, CPU ({meta['cpu_threads']} threads), torch {meta['torch']}, "
-               f"flashcl {meta['commit']}, {meta['date'][:10]}; medians of interleaved runs.")
-    args.out.with_suffix(".md").write_text(table(points) + "\n\n" + caption + "\n")
-    print(f"wrote {args.out.with_suffix('.json')} and .md")
+        results["rows"] += measure(batch, dim, args.runs if batch < 8192 else min(args.runs, 3))
+    path = harness.write_results(args.out, results)
+    print(tables(results)["small_batch"])
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,27 +16,20 @@ step); time is one step after a warm-up step at a small batch.
     python benchmarks/bench_training_step.py                        # batch 1024 .. 262144, 4 GiB cap
     python benchmarks/bench_training_step.py --batch-sizes 1024 2048 --cap-gib 2
 
-Writes <out>.json, <out>.md (the README's table) and <out>.png.
+Writes <out>.json (the harness's results schema) and <out>.png; tables: tools/generate_tables.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bench_clip_loss import machine
+import harness
 
 VARIANTS = {"textbook": "(a) textbook", "flashcl": "(b) flashcl", "flashcl cached": "(c) flashcl cached",
             "st cached": "(d) st cached"}
 RESULTS = Path(__file__).resolve().parent / "results"
-CAPPED = 137  # exit status of a process stopped at the memory cap
 TOKENS, HIDDEN, VOCAB = 32, 64, 1000
 
 
@@ -73,28 +66,14 @@ def make_loss(variant: str, model, mini_batch_size: int):
                 }[variant]()
 
 
-def watch_memory(cap_bytes: int):
-    """Stops this process (exit 137) as soon as its resident memory passes the cap."""
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def watch():
-        while True:
-            with open("/proc/self/statm") as f:
-                if int(f.read().split()[1]) * page > cap_bytes:
-                    os._exit(CAPPED)
-            time.sleep(0.005)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def worker(variant: str, batch: int, mini_batch_size: int, cap_gib: float) -> dict:
+def measure(point: dict) -> dict:
+    """One step at point["batch"] pairs, in its own process under the harness's memory cap."""
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    watch_memory(int(cap_gib * 2**30))
     with tempfile.TemporaryDirectory() as path:
         model = build_model(path)
-    loss_fn = make_loss(variant, model, mini_batch_size)
+    loss_fn = make_loss(point["impl"], model, point["mini_batch_size"])
     generator = torch.Generator().manual_seed(1)
 
     def columns(n):
@@ -109,60 +88,73 @@ def worker(variant: str, batch: int, mini_batch_size: int, cap_gib: float) -> di
         return float(loss)
 
     step(columns(64))  # warm-up: thread pools, lazy initialization
-    features = columns(batch)
+    features = columns(point["batch"])
     start = time.perf_counter()
     loss = step(features)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "loss": loss}
+    # The whole process's peak (model, inputs, step): what the cap is about.
+    return {**harness.timing([seconds]), "peak_bytes": harness.peak_rss(), "loss": loss}
 
 
-def run_point(variant, batch, mini_batch_size, cap_gib) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--batch-sizes", str(batch),
-           "--mini-batch-size", str(mini_batch_size), "--cap-gib", str(cap_gib)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode == CAPPED:
-        return {"fits": False, "error": f"passed the {cap_gib:g} GiB cap"}
-    if done.returncode != 0:
-        return {"fits": False, "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
-    return {"fits": True, **json.loads(done.stdout.strip().splitlines()[-1])}
+def largest_batches(results: dict) -> dict:
+    variants = list(dict.fromkeys(row["impl"] for row in results["rows"]))
+    return {v: max((r["batch"] for r in results["rows"] if r["impl"] == v and "error" not in r), default=None)
+            for v in variants}
 
 
-def table(points, batches) -> str:
-    rows = ["| batch | " + " | ".join(VARIANTS.values()) + " |", "|---:|" + "---|" * len(VARIANTS)]
-    by_key = {(p["variant"], p["batch"]): p for p in points}
-    for batch in batches:
-        cells = []
-        for variant in VARIANTS:
-            p = by_key.get((variant, batch))
-            if p is None:
-                cells.append("skipped (a smaller batch did not fit)")
-            elif p["fits"]:
-                cells.append(f"{p['seconds']:.2f} s, {p['peak_bytes'] / 2**30:.2f} GiB")
-            else:
-                cells.append(f"does not fit ({p['error']})")
-        rows.append(f"| {batch} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def tables(results: dict) -> dict[str, str]:
+    settings, rows = results["settings"], results["rows"]
+    largest = largest_batches(results)
+    caption = (f"One training step (forward, loss, backward) of a 2-layer BERT (hidden {settings['hidden']}, "
+               f"{settings['tokens']} tokens) on anchor/positive pairs; time of one step, peak resident memory of "
+               f"the process, {settings['cap_gib']:g} GiB cap, cached mini-batches of {settings['mini_batch_size']}. "
+               "Largest batch that fits: " + ", ".join(f"{VARIANTS[v]} {largest[v] or 'none'}" for v in largest) + ".")
+    by_key = harness.index_rows(rows, "impl", "batch")
+
+    def cell(variant):
+        def text(batch):
+            row = by_key.get((variant, batch))
+            if row is None:
+                return "skipped (a smaller batch did not fit)"
+            if "error" in row:
+                return f"does not fit ({row['error']})"
+            return f"{row['median_s']:.2f} s, {row['peak_bytes'] / 2**30:.2f} GiB"
+        return text
+
+    batches = sorted({row["batch"] for row in rows})
+    table = harness.markdown_table([("batch", lambda b: b)] + [(VARIANTS[v], cell(v)) for v in largest], batches,
+                                   align="r" + "l" * len(largest))
+    tried = max(row["batch"] for row in rows)
+    textbook, cached, st_cached = (largest.get(v) for v in ("textbook", "flashcl cached", "st cached"))
+    headline = (f"Under a {settings['cap_gib']:g} GiB cap on {results['provenance']['machine']['device']}, one step "
+                f"fits {textbook} pairs with the textbook loss and {cached} with flashcl's cached loss"
+                + (" (the largest batch tried)" if cached == tried else "")
+                + (f", against {st_cached} with sentence-transformers' own cached loss" if st_cached else "")
+                + f"; measured at {results['provenance']['commit']}." if textbook and cached else "")
+    return {"training_step": caption + "\n\n" + table, "headline": headline}
 
 
-def plot(points, meta, path: Path) -> None:
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings, rows = results["settings"], results["rows"]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"textbook": ("tab:red", "o"), "flashcl": ("tab:blue", "s"), "flashcl cached": ("tab:green", "^"),
               "st cached": ("tab:purple", "v")}
     for variant, label in VARIANTS.items():
-        ok = sorted((p for p in points if p["variant"] == variant and p["fits"]), key=lambda p: p["batch"])
+        ok = sorted((r for r in rows if r["impl"] == variant and "error" not in r), key=lambda r: r["batch"])
         if not ok:
             continue
         color, marker = styles[variant]
-        ax_mem.plot([p["batch"] for p in ok], [p["peak_bytes"] / 2**30 for p in ok], color=color, marker=marker,
+        ax_mem.plot([r["batch"] for r in ok], [r["peak_bytes"] / 2**30 for r in ok], color=color, marker=marker,
                     label=label)
-        ax_time.plot([p["batch"] for p in ok], [p["seconds"] for p in ok], color=color, marker=marker, label=label)
-    ax_mem.axhline(meta["cap_gib"], color="k", ls="--", lw=1)
-    ax_mem.text(min(p["batch"] for p in points), meta["cap_gib"], f" {meta['cap_gib']:g} GiB cap", va="bottom", fontsize=8)
+        ax_time.plot([r["batch"] for r in ok], [r["median_s"] for r in ok], color=color, marker=marker, label=label)
+    ax_mem.axhline(settings["cap_gib"], color="k", ls="--", lw=1)
+    ax_mem.text(min(r["batch"] for r in rows), settings["cap_gib"], f" {settings['cap_gib']:g} GiB cap", va="bottom",
+                fontsize=8)
     for ax, label in ((ax_mem, "peak memory of the process (GiB)"), (ax_time, "one training step (s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -170,10 +162,13 @@ def plot(points, meta, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend(fontsize=8)
-    fig.suptitle(f"One training step: 2-layer BERT (hidden {HIDDEN}), {TOKENS}-token pairs, {meta['device']} "
-                 f"({meta['cpu_threads']} threads), torch {meta['torch']}", fontsize=9)
+    machine = results["provenance"]["machine"]
+    fig.suptitle(f"One training step: 2-layer BERT (hidden {settings['hidden']}), {settings['tokens']}-token pairs, "
+                 f"{machine['device']} ({machine['cpu_threads']} threads), "
+                 f"torch {results['provenance']['versions']['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -184,39 +179,25 @@ def main():
     parser.add_argument("--mini-batch-size", type=int, default=256, help="chunk of the cached variants")
     parser.add_argument("--cap-gib", type=float, default=4.0, help="memory cap per process")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_step_cpu")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.batch_sizes[0], args.mini_batch_size, args.cap_gib)))
-        return
     from tqdm import tqdm
 
-    meta = {**machine("cpu"), "cap_gib": args.cap_gib, "mini_batch_size": args.mini_batch_size, "tokens": TOKENS,
-            "hidden": HIDDEN}
-    points, stopped = [], set()
+    settings = {"cap_gib": args.cap_gib, "mini_batch_size": args.mini_batch_size, "tokens": TOKENS, "hidden": HIDDEN}
+    results = harness.new_results(__file__, settings)
+    stopped = set()
     grid = [(b, v) for b in sorted(args.batch_sizes) for v in args.variants]
     for batch, variant in tqdm(grid, desc="training-step points", unit="point"):
         if variant in stopped:
             continue
-        point = {"variant": variant, "batch": batch, **run_point(variant, batch, args.mini_batch_size, args.cap_gib)}
-        points.append(point)
-        if not point["fits"]:
+        row = harness.run_point(__file__, {"impl": variant, "batch": batch}, settings=settings, cap_gib=args.cap_gib)
+        results["rows"].append(row)
+        if "error" in row:
             stopped.add(variant)
-    largest = {v: max((p["batch"] for p in points if p["variant"] == v and p["fits"]), default=None)
-               for v in args.variants}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": meta, "largest_batch": largest, "points": points},
-                                                        indent=2) + "\n")
-    header = (f"One training step (forward, loss, backward) of a 2-layer BERT (hidden {HIDDEN}, {TOKENS} tokens) on "
-              f"anchor/positive pairs, {meta['device']} ({meta['cpu_threads']} threads), torch {meta['torch']}, "
-              f"flashcl {meta['commit']}, {meta['date'][:10]}; time of one step, peak resident memory of the process, "
-              f"{args.cap_gib:g} GiB cap, cached mini-batches of {args.mini_batch_size}. Largest batch that fits: "
-              + ", ".join(f"{VARIANTS[v]} {largest[v] or 'none'}" for v in args.variants) + ".")
-    markdown = header + "\n\n" + table(points, sorted(args.batch_sizes))
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(points, meta, args.out.with_suffix(".png"))
-    print(markdown)
+    path = harness.write_results(args.out, results, plot)
+    print(tables(results)["training_step"])
+    print(f"\nwrote {path} and .png")
 
 
 if __name__ == "__main__":
+    harness.serve_worker(measure)
     main()

@@ -20,10 +20,8 @@ Exit status 1 if a check failed or a phase did not finish; the JSON says which.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -258,24 +256,14 @@ def child(args, timeout, env=None):
 
 
 def provenance():
-    import torch
-
+    """The harness's provenance of every benchmark, and the backends this device has."""
     import flashcl
 
-    dev = device()
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "flashcl": flashcl.__version__,
-                "python": platform.python_version()}
-    try:
-        import triton
+    sys.path.insert(0, str(HERE))
+    import harness
 
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = None
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or "unknown"
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "versions": versions, "backends": flashcl.available_backends(dev)}
+    dev = device()
+    return {**harness.provenance(str(dev)), "backends": flashcl.available_backends(dev)}
 
 
 def parent(args):
@@ -314,11 +302,11 @@ def parent(args):
             except subprocess.TimeoutExpired:
                 status, tail = f"timed out after {TIMEOUTS[phase]} s", ""
             result = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
-            points = result.get("points", [])
-            records = [dict(name=f"{loss} {p.get('contender')} N={p.get('batch')} D={p.get('dim')}", ok=True, **p)
-                       for p in points]
+            rows = result.get("rows", [])
+            records = [dict(name=f"{loss} {row.get('impl')} N={row.get('batch')} D={row.get('dim')}", ok=True, **row)
+                       for row in rows]
             record(phase, records, status, time.perf_counter() - started_bench, tail)
-            report["phases"][phase]["machine"] = result.get("machine")
+            report["phases"][phase]["settings"] = result.get("settings")
     record("autocast", *child(["--phase", "autocast", *dry], TIMEOUTS["autocast"], env=os.environ.copy()))
     report["seconds"] = round(time.perf_counter() - started, 1)
     problems = [phase for phase, r in report["phases"].items() if r["status"] != "exit 0" or r["failed"]]

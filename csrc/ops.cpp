@@ -1,6 +1,7 @@
 // The CUDA backend's operators, torch.ops.flashcl.lse_forward, softplus_sums and weighted_products: argument
 // checks (a bad argument is a Python exception here, never a device-side assert), dtype
-// dispatch and registration. Their fake (meta) implementations live in flashcl/backends/cuda.py.
+// dispatch and registration. Their fake (meta) implementations are defined in flashcl/backends/fused.py
+// (shared with the Triton operators) and registered for these operators by flashcl/backends/cuda.py.
 #include <ATen/ATen.h>
 #include <Python.h>
 #include <c10/cuda/CUDAGuard.h>

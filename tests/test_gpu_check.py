@@ -21,11 +21,11 @@ def test_dry_run_passes_every_phase(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
-    assert report["ok"] and set(report["provenance"]) >= {"device", "date", "commit", "versions"}
+    assert report["ok"] and set(report["provenance"]) >= {"commit", "dirty", "date", "machine", "versions", "backends"}
     phases = report["phases"]
     assert set(phases) == {"contact bf16", "contact fp16", "contact fp32", "contact tf32", "stress", "headline clip",
                            "headline siglip", "autocast"}
     checked = [r for r in phases["contact bf16"]["records"] if "rel_err" in r]
     assert len(checked) >= 60 and all(r["ok"] for r in checked)  # Triton's checks ran; CUDA's is a skip here
     assert any("skipped" in r for r in phases["contact bf16"]["records"])
-    assert {r["contender"] for r in phases["headline clip"]["records"]} >= {"triton", "textbook"}
+    assert {r["impl"] for r in phases["headline clip"]["records"]} >= {"triton", "textbook"}

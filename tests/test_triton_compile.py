@@ -2,7 +2,7 @@
 
 The interpreter runs the kernels' upcast path; the tensor-core path (bf16/fp16 tiles into
 tl.dot, the GPU configs) only exists when compiling for a real target. This compiles it
-for sm_90 (H100/H200) and sm_80 (A100) through benchmarks/triton_resources.py, in a
+for sm_90 (H100/H200) and sm_80 (A100) through tools/triton_resources.py, in a
 subprocess because this process has the interpreter switched on.
 """
 import json
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.scripts
 
 pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resources.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
 ARCHS = (90, 80)
 DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: float32 inputs, tf32 products
 

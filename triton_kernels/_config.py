@@ -33,7 +33,7 @@ def lse_configs():
 def softplus_configs():
     """The forward's sigmoid family keeps more tile-sized temporaries alive than its LSE (softplus,
     sigmoid, e^-|z|): at 64 tile elements per thread it spills on sm_80 (548 bytes at 128 x 128,
-    8 warps; benchmarks/triton_resources.py), so its tiles hold 32 per thread."""
+    8 warps; tools/triton_resources.py), so its tiles hold 32 per thread."""
     return _configs(
         [(64, 64, 64, 4, 2), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3)],
         dict(BLOCK_R=32, BLOCK_C=32, BLOCK_D=32),

@@ -74,7 +74,7 @@ class GammaContrastiveLoss(nn.Module):
         generator: a torch.Generator on state_device for the E-step (seed it to reproduce; seed
             each rank differently, or the ranks' draws are the same numbers).
         backend: as for every flashcl loss.
-        group: a torch.distributed process group: each rank passes its shard of the batch (and its
+        group (torch.distributed.ProcessGroup | None): a process group: each rank passes its shard of the batch (and its
             rows' dataset indices); the loss is the global batch's (rows of the concatenated
             features_a pair with rows of the concatenated features_b, every rank's rows are
             negatives), and every rank folds every rank's estimates into its state in rank order,

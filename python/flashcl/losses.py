@@ -30,7 +30,7 @@ def row_logsumexp(
         queries: (N, D); keys: (M, D); scale: a float or a 0-d tensor (may require grad).
         exclude_diagonal: leave out j == i (needs N == M), e.g. a sample against its own batch.
         backend: as for every flashcl loss.
-        group: a torch.distributed process group: each rank passes its shard of queries and of
+        group (torch.distributed.ProcessGroup | None): a process group: each rank passes its shard of queries and of
             keys, and gets its queries' log-sum-exp over every rank's keys (exclude_diagonal then
             leaves out a query's own key, the paired shards having equal sizes).
 
@@ -65,7 +65,7 @@ def infonce_loss(
             With a group, indices into the concatenation of every rank's keys.
         reduction: "mean" | "sum" | "none" (per-query losses, shape (N,)).
         backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
-        group: a torch.distributed process group (None: this process only). Each rank passes its
+        group (torch.distributed.ProcessGroup | None): a process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
             ranks is exactly the global loss and gradient (see flashcl.distributed).
@@ -94,11 +94,12 @@ def clip_loss(
     """Symmetric CLIP loss: 1/2 (image->text + text->image cross-entropy), pair i matching i.
 
     Args:
-        image_features, text_features: (N, D) each, row i of one the positive of row i of the other.
+        image_features: (N, D), row i the positive of row i of text_features.
+        text_features: (N, D), row i the positive of row i of image_features.
         logit_scale: the multiplier itself (open_clip's ``logit_scale.exp()``), a float or 0-d tensor.
         reduction: "mean" | "sum" | "none" (per-pair losses 1/2 (l_i2t + l_t2i), shape (N,)).
         backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
-        group: a torch.distributed process group (None: this process only). Each rank passes its
+        group (torch.distributed.ProcessGroup | None): a process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
             ranks is exactly the global loss and gradient (see flashcl.distributed).
@@ -127,11 +128,12 @@ def nt_xent_loss(
     its negatives the other 2N - 2 samples, never itself.
 
     Args:
-        z1, z2: (N, D) the two views, row i of each from the same example.
+        z1: (N, D) the first view, row i from example i.
+        z2: (N, D) the second view, row i from the same example as row i of z1.
         scale: inverse temperature 1/tau, a float or 0-d tensor.
         reduction: "mean" | "sum" | "none" (shape (2N,): anchors z1 then z2).
         backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
-        group: a torch.distributed process group (None: this process only). Each rank passes its
+        group (torch.distributed.ProcessGroup | None): a process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
             ranks is exactly the global loss and gradient (see flashcl.distributed). With a group every rank's samples are negatives of every anchor, and

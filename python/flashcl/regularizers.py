@@ -205,12 +205,15 @@ class ModalityStructureLoss(nn.Module):
     """CLIP loss plus the CVPR 2023 modality-structure regularizers, one call per training step.
 
     Args:
-        geometric, bridge, separation: each regularizer's weight (0 switches it off).
-        bridge_t, bridge_sigma: `brownian_bridge_loss`'s t and sigma.
+        geometric: the weight of `geometric_consistency_loss` (0 switches it off).
+        bridge: the weight of `brownian_bridge_loss` (0 switches it off).
+        separation: the weight of `feature_separation_loss` (0 switches it off).
+        bridge_t: `brownian_bridge_loss`'s t.
+        bridge_sigma: `brownian_bridge_loss`'s sigma.
         uniformity_t: `feature_separation_loss`'s u.
         distinct_pairs: `geometric_consistency_loss`'s option.
         backend: as for every flashcl loss.
-        group: a torch.distributed process group for every term (each rank its shard of the rows).
+        group (torch.distributed.ProcessGroup | None): a process group for every term (each rank its shard of the rows).
 
     forward(image_features, text_features, logit_scale, image_aug=None, text_aug=None,
     image_private=None, text_private=None, output_dict=False) returns

@@ -31,16 +31,17 @@ def siglip_loss(
     """SigLIP's sigmoid loss: -(1/N) sum_ij log sigmoid(z_ij (s x_i . y_j + b)), z_ii = 1, z_ij = -1.
 
     Args:
-        image_features, text_features: (N, D) each, row i of one paired with row i of the other.
+        image_features: (N, D), row i paired with row i of text_features.
+        text_features: (N, D), row i paired with row i of image_features.
         logit_scale: the multiplier s itself (open_clip's ``logit_scale.exp()``), a float or 0-d tensor.
         logit_bias: the additive b (SigLIP initializes it at -10), a float or 0-d tensor (may require
             grad); None means 0, as in open_clip.
         reduction: "mean" (open_clip's: the sum over all N x N pairs divided by N) | "sum" |
             "none" (per image: sum_j softplus(S'_ij) - S'_ii, shape (N,)).
         backend: "auto" | "triton" | "cuda" | "torch", as for every flashcl loss.
-        group: a torch.distributed process group: each rank passes its shard of pairs, every rank's
-            texts are negatives of every image, and each rank gets its share times the world size
-            (see flashcl.distributed). With equal shards that is open_clip's SigLipLoss with
+        group (torch.distributed.ProcessGroup | None): a process group: each rank passes its shard
+            of pairs, every rank's texts are negatives of every image, and each rank gets its share
+            times the world size (see flashcl.distributed). With equal shards that is open_clip's SigLipLoss with
             world_size > 1 exactly, in value and gradients, whichever dist_impl.
 
     Equals open_clip's ``SigLipLoss()(image, text, s, b)`` without the (N, N) logits. The loss is fp32

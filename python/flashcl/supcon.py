@@ -42,13 +42,16 @@ def supcon_loss(
             or (N, D) with labels.
         labels: (N,) integer class of each sample; None makes each sample its own class (SimCLR's
             loss over the views, which needs V >= 2).
-        temperature, base_temperature: S = x . x' / temperature, the loss scaled by
-            temperature / base_temperature (the reference's defaults: 0.07 and 0.07).
+        temperature: S = x . x' / temperature (the reference's default: 0.07).
+        base_temperature: the loss is scaled by temperature / base_temperature (the reference's
+            default: 0.07).
         contrast_mode: "all" (every view is an anchor) | "one" (view 0 only).
         reduction: "mean" over the anchors that have a positive | "sum" | "none" (per anchor, in
             the reference's order: view 0 of every sample, then view 1, ...; 0 where no positive).
-        backend, group: as for every flashcl loss. With a group each rank passes its shard of
-            samples (and their labels); every rank's views are candidates of every anchor.
+        backend: as for every flashcl loss.
+        group (torch.distributed.ProcessGroup | None): as for every flashcl loss. With a group each
+            rank passes its shard of samples (and their labels); every rank's views are candidates
+            of every anchor.
 
     Equals the reference SupConLoss(temperature, contrast_mode, base_temperature)(features, labels)
     where every anchor has a positive; where some have none the reference still counts them in

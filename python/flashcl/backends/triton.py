@@ -87,7 +87,7 @@ def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positiv
 def resident_rows(dtype: torch.dtype) -> int:
     """Rows one multiprocessor works on at once in the products: the tallest config's rows, one
     program per multiprocessor (their first configs need 190 to 250 registers a thread at 8 warps,
-    which leaves room for one: benchmarks/triton_resources.py), so whatever config the autotuner
+    which leaves room for one: tools/triton_resources.py), so whatever config the autotuner
     picks, a chunk fills the GPU."""
     from flashcl.triton_kernels._config import backward_configs
 

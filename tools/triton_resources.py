@@ -5,8 +5,8 @@ kernels go through the same launch wrappers as a real call, with every launch re
 a compile. ptxas then reports each config's registers, spills and shared memory, and the
 PTX says which matrix instruction the products use (wgmma on Hopper, mma.sync before).
 
-    python benchmarks/triton_resources.py                 # every config, sm_90, table
-    python benchmarks/triton_resources.py --arch 80 --first-config --json out.json
+    python tools/triton_resources.py                 # every config, sm_90, table
+    python tools/triton_resources.py --arch 80 --first-config --json out.json
 
 Run it without TRITON_INTERPRET (it exits if set): the interpreter replaces the kernels.
 Exits 1 if any kernel fails to compile.

@@ -12,12 +12,16 @@ logistic regressions on the frozen encoder's features of the training split, sco
 split, one trained on every training label and one on 10 labels per class (the full probe is
 near its ceiling on digits even from raw pixels). Also scored: raw pixels and an untrained encoder.
 
-    python benchmarks/gamma_digits.py            # the default run: a few minutes on 2 CPU cores
+    python experiments/gamma_digits.py            # the default run: a few minutes on 2 CPU cores
+    python experiments/gamma_digits.py --epochs 1 --train-images 300 --configs InfoNCE:16 "gamma a=1:16"  # a check
+
+Writes experiments/results/gamma_digits.json (the benchmark harness's results schema, a row per
+trained model) and a PNG; its table: `tables()`, which tools/generate_tables.py puts in the docs.
 """
 import argparse
-import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +35,13 @@ from tqdm import tqdm
 import flashcl
 from multiview_digits import probe_accuracy
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("InfoNCE", "gamma a=1", "gamma a=inf")
+CONFIGS = [("InfoNCE", 16), ("InfoNCE", 64), ("InfoNCE", 512),
+           ("gamma a=1", 16), ("gamma a=1", 64), ("gamma a=inf", 16), ("gamma a=inf", 64)]
 
 
 def augment(images, generator):
@@ -101,6 +111,41 @@ def train(method, batch, seed, data, args):
     return probes(train_features, data["train_labels"], test_features, data["test_labels"], args.labels_per_class)
 
 
+def config(text):
+    """A "loss:batch" argument, e.g. "gamma a=1:16"."""
+    method, _, batch = text.rpartition(":")
+    if method not in METHODS or not batch.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not loss:batch with a loss in {METHODS}")
+    return method, int(batch)
+
+
+def cell(values):
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def configs_of(rows):
+    return list(dict.fromkeys((row["method"], row["batch"]) for row in rows))
+
+
+def tables(results: dict) -> dict[str, str]:
+    """The probes' accuracy per loss and batch, and of the baselines, from the results alone."""
+    settings, rows, images = results["settings"], results["rows"], results["images"]
+    metrics = list(rows[0]["accuracy"])
+    lines = [{"loss": f"{name} (no training)", "batch": "-", **{m: f"{accs[m]:.3f}" for m in metrics}}
+             for name, accs in results["baselines"].items()]
+    for method, batch in configs_of(rows):
+        accs = [r["accuracy"] for r in rows if (r["method"], r["batch"]) == (method, batch)]
+        lines.append({"loss": method, "batch": batch, **{m: cell([a[m] for a in accs]) for m in metrics}})
+    columns = [("loss", lambda r: r["loss"]), ("batch", lambda r: r["batch"]),
+               *[(m, lambda r, m=m: r[m]) for m in metrics]]
+    caption = (f"Linear-probe accuracy on the held-out 20% of sklearn digits ({images['test']} images) after "
+               f"{settings['epochs']} epochs of contrastive learning, mean +- std over seeds {settings['seeds']}, "
+               f"probes trained on all {images['train']} training labels or on {settings['labels_per_class']} per "
+               f"class (mean of 5 draws). {results['minutes']:.1f} min on "
+               f"{results['provenance']['machine']['cpu_threads']} threads.")
+    return {"probe": caption + "\n\n" + harness.markdown_table(columns, lines, "lr" + "r" * len(metrics))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
@@ -109,13 +154,21 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--momentum", type=float, default=0.9, help="GammaContrastiveLoss's running-estimate weight")
     parser.add_argument("--labels-per-class", type=int, default=10, help="for the few-label probe")
+    parser.add_argument("--configs", type=config, nargs="+", default=CONFIGS,
+                        help='loss:batch pairs to train, e.g. InfoNCE:16 "gamma a=1:16" (default: all seven)')
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="train (and fit the probes) on a stratified subset of this many training images")
     parser.add_argument("--out", type=Path, default=RESULTS / "gamma_digits")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    results = harness.new_results(__file__, {k: v for k, v in vars(args).items() if k != "out"})
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(digits.images / 16.0, digits.target, test_size=0.2,
                                                         stratify=digits.target, random_state=0)
+    if args.train_images is not None and args.train_images < len(y_train):
+        x_train, _, y_train, _ = train_test_split(x_train, y_train, train_size=args.train_images, stratify=y_train,
+                                                  random_state=0)
     data = {"train_images": torch.tensor(x_train, dtype=torch.float32), "train_labels": y_train,
             "train_flat": torch.tensor(x_train, dtype=torch.float32).flatten(1),
             "test_flat": torch.tensor(x_test, dtype=torch.float32).flatten(1), "test_labels": y_test}
@@ -127,45 +180,26 @@ def main():
         baselines["untrained encoder"] = probes(untrained(data["train_flat"]).numpy(), y_train,
                                                 untrained(data["test_flat"]).numpy(), y_test, args.labels_per_class)
 
-    configs = [("InfoNCE", 16), ("InfoNCE", 64), ("InfoNCE", 512),
-               ("gamma a=1", 16), ("gamma a=1", 64), ("gamma a=inf", 16), ("gamma a=inf", 64)]
-    runs = []
     started = time.perf_counter()
-    for method, batch in tqdm([(m, b) for m, b in configs], desc="configs"):
+    for method, batch in tqdm(args.configs, desc="configs"):
         for seed in args.seeds:
-            runs.append({"method": method, "batch": batch, "seed": seed, "accuracy": train(method, batch, seed, data, args)})
-    metrics = list(runs[0]["accuracy"])
-    minutes = (time.perf_counter() - started) / 60
-
-    def cell(accs):
-        return f"{statistics.mean(accs):.3f} +- {statistics.stdev(accs):.3f}"
-
-    lines = [f"Linear-probe accuracy on the held-out 20% of sklearn digits ({len(y_test)} images) after "
-             f"{args.epochs} epochs of contrastive learning, mean +- std over seeds {args.seeds}, probes trained "
-             f"on all {len(y_train)} training labels or on {args.labels_per_class} per class (mean of 5 draws). "
-             f"{minutes:.1f} min on {torch.get_num_threads()} threads.", "",
-             "| loss | batch | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
-    for name, accs in baselines.items():
-        lines.append(f"| {name} (no training) | - | " + " | ".join(f"{accs[m]:.3f}" for m in metrics) + " |")
-    for method, batch in configs:
-        accs = [r["accuracy"] for r in runs if r["method"] == method and r["batch"] == batch]
-        lines.append(f"| {method} | {batch} | " + " | ".join(cell([a[m] for a in accs]) for m in metrics) + " |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "baselines": baselines, "runs": runs, "minutes": minutes}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table + "\n")
-    plot(runs, configs, baselines, args.out.with_suffix(".png"))
+            results["rows"].append({"method": method, "batch": batch, "seed": seed,
+                                    "accuracy": train(method, batch, seed, data, args)})
+    results.update(baselines=baselines, images={"train": len(y_train), "test": len(y_test)},
+                   minutes=(time.perf_counter() - started) / 60)
+    written = harness.write_results(args.out, results, plot)
+    print(tables(results)["probe"])
+    print(f"\nwrote {written} and .png")
 
 
-def plot(runs, configs, baselines, path):
+def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs, baselines = results["rows"], results["baselines"]
+    configs = configs_of(runs)
     metrics = list(runs[0]["accuracy"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 3.8))
     colors = {"InfoNCE": "tab:red", "gamma a=1": "tab:blue", "gamma a=inf": "tab:green"}
@@ -183,6 +217,7 @@ def plot(runs, configs, baselines, path):
         ax.set_ylim(min(lows) - 0.03, min(1.0, max(lows) + 0.02))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,24 @@ then 5 seeds (initialization, batches, augmentations) are scored on the test dig
 retrieval R@1 and R@5 in both directions among the 400 held-out pairs, and linear probes of the
 image tower's embeddings with all training labels and with 10 per class.
 
-    python benchmarks/gamma_batch_study.py --pilot   # where does InfoNCE's small-batch gap exist?
-    python benchmarks/gamma_batch_study.py           # the study (16 minutes on 2 cores)
-    python benchmarks/gamma_batch_study.py --report  # tables and plot again from the study's JSON
+    python experiments/gamma_batch_study.py --pilot   # where does InfoNCE's small-batch gap exist?
+    python experiments/gamma_batch_study.py           # the study (16 minutes on 2 cores)
+    python experiments/gamma_batch_study.py --report  # tables and plot again from the study's JSON
 
 The pilot trains InfoNCE at batch 16 and at the full batch on several view pairs and temperatures
 (fixed epochs), and reports the validation R@1 of each: the evidence for the study's setting.
+
+Writes experiments/results/gamma_batch_study.json and .png (the pilot: gamma_batch_study_pilot.json),
+in the benchmark harness's results schema, a row per trained model; its tables: `tables()`, which
+tools/generate_tables.py puts in the docs.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +42,9 @@ from tqdm import tqdm
 
 import flashcl
 from multiview_digits import Tower, augment, load, probe_accuracy, recall_at_k, split, standardize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSSES = ("InfoNCE", "gamma a=1", "gamma a=inf")
@@ -105,43 +112,54 @@ def selection_score(scores):
 
 def pilot(args):
     """InfoNCE at batch 16 against the full batch, per view pair and temperature, under both budgets."""
-    rows, started = [], time.perf_counter()
+    results = harness.new_results(__file__, _settings(args))
+    started = time.perf_counter()
     budgets = {"epochs": args.epochs, "steps": args.steps}
     grid = list(itertools.product(args.pilot_views, args.pilot_temperatures, budgets, (16, FULL), args.seeds[:2]))
     datasets = {views: prepare(views.split("-")) for views in args.pilot_views}
     for views, temperature, budget, batch, seed in tqdm(grid, desc="pilot trainings"):
         embeddings = train(datasets[views], "InfoNCE", batch, args.pilot_lr, temperature, budget, budgets[budget],
                            seed, args)
-        rows.append({"views": views, "temperature": temperature, "budget": budget, "batch": batch, "seed": seed,
-                     **retrieval(datasets[views], embeddings, "validation")})
-    lines = [f"InfoNCE, Adam {args.pilot_lr}: validation R@1 (mean of both directions and of seeds {args.seeds[:2]}) "
-             f"at batch 16 and at the full training batch (1400), after {args.epochs} epochs or {args.steps} steps. "
-             f"{(time.perf_counter() - started) / 60:.1f} min.", "",
-             "| views | temperature | budget | batch 16 | full batch | full - 16 |", "|---|---:|---|---:|---:|---:|"]
-    for views, temperature, budget in itertools.product(args.pilot_views, args.pilot_temperatures, budgets):
+        results["rows"].append({"views": views, "temperature": temperature, "budget": budget, "batch": batch,
+                                "seed": seed, **retrieval(datasets[views], embeddings, "validation")})
+    results["minutes"] = (time.perf_counter() - started) / 60
+    written = harness.write_results(args.out.parent / (args.out.name + "_pilot"), results)
+    print(tables(results)["pilot"])
+    print(f"\nwrote {written}")
+
+
+def pilot_table(results):
+    settings, rows = results["settings"], results["rows"]
+    budgets = {"epochs": settings["epochs"], "steps": settings["steps"]}
+    caption = (f"InfoNCE, Adam {settings['pilot_lr']}: validation R@1 (mean of both directions and of seeds "
+               f"{settings['seeds'][:2]}) at batch 16 and at the full training batch (1400), after "
+               f"{settings['epochs']} epochs or {settings['steps']} steps. {results['minutes']:.1f} min.")
+    lines = []
+    for views, temperature, budget in itertools.product(settings["pilot_views"], settings["pilot_temperatures"],
+                                                        budgets):
         r = {b: statistics.mean(selection_score(x) for x in rows
                                 if (x["views"], x["temperature"], x["budget"], x["batch"]) == (views, temperature,
                                                                                                 budget, b))
              for b in (16, FULL)}
-        lines.append(f"| {views} | {temperature} | {budgets[budget]} {budget} | {r[16]:.3f} | {r[FULL]:.3f} "
-                     f"| {r[FULL] - r[16]:+.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = args.out.parent / (args.out.name + "_pilot")
-    out.with_suffix(".json").write_text(json.dumps({"settings": _settings(args), "runs": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n")
+        lines.append({"views": views, "temperature": temperature, "budget": f"{budgets[budget]} {budget}",
+                      "batch 16": f"{r[16]:.3f}", "full batch": f"{r[FULL]:.3f}",
+                      "full - 16": f"{r[FULL] - r[16]:+.3f}"})
+    columns = [(name, lambda row, name=name: row[name])
+               for name in ("views", "temperature", "budget", "batch 16", "full batch", "full - 16")]
+    return caption + "\n\n" + harness.markdown_table(columns, lines, "lrlrrr")
 
 
 def _settings(args):
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: v for k, v in vars(args).items() if k not in ("out", "report")}
 
 
 def study(args):
+    results = harness.new_results(__file__, _settings(args))
     data = prepare(args.views.split("-"))
     budgets = {"epochs": args.epochs, "steps": args.steps}
     configs = [(loss, batch, budget) for budget in budgets for loss in LOSSES for batch in args.batch_sizes]
     grid = list(itertools.product(args.lrs, args.temperatures))
-    started, chosen, runs = time.perf_counter(), {}, []
+    started, chosen, runs = time.perf_counter(), {}, results["rows"]
     with tqdm(total=len(configs) * (len(grid) + len(args.seeds) - 1), desc="trainings") as progress:
         for loss, batch, budget in configs:
             trials = {}
@@ -160,90 +178,107 @@ def study(args):
                 runs.append({"loss": loss, "batch": batch or "full", "budget": budget, "seed": seed, "lr": lr,
                              "temperature": temperature,
                              "scores": {**retrieval(data, embeddings, "test"), **probes(data, embeddings, args.per_class)}})
-    minutes = (time.perf_counter() - started) / 60
-    report(runs, chosen, args, minutes)
+    results.update(chosen=chosen, minutes=(time.perf_counter() - started) / 60)
+    written = harness.write_results(args.out, results, plot)
+    print("\n\n".join(tables(results).values()))
+    print(f"\nwrote {written} and .png")
 
 
 def cell(values):
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def mean_recall(run):
     return selection_score(run["scores"])
 
 
-def headline(runs, args):
+def of(runs, loss, batch, budget):
+    return [r for r in runs if (r["loss"], r["batch"], r["budget"]) == (loss, batch or "full", budget)]
+
+
+def headline(results):
     """Mean R@1 of both directions per batch: each gamma variant against InfoNCE at the same batch."""
-    lines = ["| budget | batch | InfoNCE | gamma a=1 | vs InfoNCE | gamma a=inf | vs InfoNCE |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for budget, amount in (("epochs", args.epochs), ("steps", args.steps)):
-        for batch in args.batch_sizes:
-            values = {loss: [mean_recall(r) for r in runs if (r["loss"], r["batch"], r["budget"])
-                             == (loss, batch or "full", budget)] for loss in LOSSES}
+    settings, lines = results["settings"], []
+    for budget in ("epochs", "steps"):
+        for batch in settings["batch_sizes"]:
+            values = {loss: [mean_recall(r) for r in of(results["rows"], loss, batch, budget)] for loss in LOSSES}
             base = statistics.mean(values["InfoNCE"])
             gain = lambda loss: f"{statistics.mean(values[loss]) - base:+.3f}"
-            lines.append(f"| {amount} {budget} | {batch or 'full'} | {cell(values['InfoNCE'])} | "
-                         f"{cell(values['gamma a=1'])} | {gain('gamma a=1')} | {cell(values['gamma a=inf'])} | "
-                         f"{gain('gamma a=inf')} |")
-    return "\n".join(lines)
+            lines.append({"budget": f"{settings[budget]} {budget}", "batch": batch or "full",
+                          "InfoNCE": cell(values["InfoNCE"]), "gamma a=1": cell(values["gamma a=1"]),
+                          "vs a=1": gain("gamma a=1"), "gamma a=inf": cell(values["gamma a=inf"]),
+                          "vs a=inf": gain("gamma a=inf")})
+    columns = [(header, lambda row, key=key: row[key]) for header, key in (
+        ("budget", "budget"), ("batch", "batch"), ("InfoNCE", "InfoNCE"), ("gamma a=1", "gamma a=1"),
+        ("vs InfoNCE", "vs a=1"), ("gamma a=inf", "gamma a=inf"), ("vs InfoNCE", "vs a=inf"))]
+    return harness.markdown_table(columns, lines, "lrrrrrr")
 
 
-def report(runs, chosen, args, minutes):
+def budget_table(results, budget):
+    """Every test score per loss and batch under one budget, with the chosen step size and temperature."""
+    settings, runs = results["settings"], results["rows"]
     metrics = list(runs[0]["scores"])
-    sections = ["**Headline: mean R@1 of both directions** (test split, mean +- std over seeds)\n\n" + headline(runs, args)]
-    for budget, amount in (("epochs", args.epochs), ("steps", args.steps)):
-        lines = [f"**Budget: {amount} {budget}** (test split, mean +- std over seeds {args.seeds}; step size and "
-                 "temperature chosen per row on the validation split)", "",
-                 "| loss | batch | lr, T | " + " | ".join(metrics) + " |", "|---|---:|---|" + "---:|" * len(metrics)]
-        for loss in LOSSES:
-            for batch in args.batch_sizes:
-                mine = [r for r in runs if (r["loss"], r["batch"], r["budget"]) == (loss, batch or "full", budget)]
-                lines.append(f"| {loss} | {batch or 'full'} | {mine[0]['lr']:g}, {mine[0]['temperature']:g} | "
-                             + " | ".join(cell([r["scores"][m] for r in mine]) for m in metrics) + " |")
-        sections.append("\n".join(lines))
+    lines = []
+    for loss in LOSSES:
+        for batch in settings["batch_sizes"]:
+            mine = of(runs, loss, batch, budget)
+            lines.append({"loss": loss, "batch": batch or "full",
+                          "lr, T": f"{mine[0]['lr']:g}, {mine[0]['temperature']:g}",
+                          **{m: cell([r["scores"][m] for r in mine]) for m in metrics}})
+    columns = [(name, lambda row, name=name: row[name]) for name in ("loss", "batch", "lr, T", *metrics)]
+    return (f"**Budget: {settings[budget]} {budget}** (test split, mean +- std over seeds {settings['seeds']}; step "
+            "size and temperature chosen per row on the validation split)\n\n"
+            + harness.markdown_table(columns, lines, "lrl" + "r" * len(metrics)))
+
+
+def tables(results: dict) -> dict[str, str]:
+    """The pilot's table ("pilot") or the study's: "recall", the headline (mean R@1 of both
+    directions per loss and batch, under the study's description), and "probe", every test score
+    (retrieval and the linear probes) per budget; from the results alone."""
+    settings = results["settings"]
+    if settings.get("pilot"):
+        return {"pilot": pilot_table(results)}
     header = (f"Gamma-weighted loss against InfoNCE by batch size on the UCI Multiple Features digits (views "
-              f"{args.views}; 1400 training, 200 validation, 400 test digits); two MLP towers ({args.hidden} hidden, "
-              f"{args.embedding}-d); grid lr {args.lrs} x temperature {args.temperatures}; "
-              f"{minutes:.1f} min on {torch.get_num_threads()} threads.")
-    markdown = header + "\n\n" + "\n\n".join(sections)
-    print(markdown)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": _settings(args), "chosen": chosen, "runs": runs, "minutes": minutes}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(runs, args, args.out.with_suffix(".png"))
+              f"{settings['views']}; 1400 training, 200 validation, 400 test digits); two MLP towers "
+              f"({settings['hidden']} hidden, {settings['embedding']}-d); grid lr {settings['lrs']} x temperature "
+              f"{settings['temperatures']}; {results['minutes']:.1f} min on "
+              f"{results['provenance']['machine']['cpu_threads']} threads.")
+    recall = (header + "\n\n**Headline: mean R@1 of both directions** (test split, mean +- std over seeds)\n\n"
+              + headline(results))
+    return {"recall": recall, "probe": "\n\n".join(budget_table(results, budget) for budget in ("epochs", "steps"))}
 
 
-def plot(runs, args, path):
+def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["R@1 image->text", "R@1 text->image", "R@5 image->text", f"probe, {args.per_class} per class"]
+    settings, runs = results["settings"], results["rows"]
+    metrics = ["R@1 image->text", "R@1 text->image", "R@5 image->text", f"probe, {settings['per_class']} per class"]
     budgets = ("epochs", "steps")
     fig, axes = plt.subplots(len(budgets), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(budgets)), squeeze=False)
     colors = {"InfoNCE": "tab:red", "gamma a=1": "tab:blue", "gamma a=inf": "tab:green"}
-    labels = [str(b or "full") for b in args.batch_sizes]
+    labels = [str(b or "full") for b in settings["batch_sizes"]]
     for row, budget in enumerate(budgets):
         for col, metric in enumerate(metrics):
             ax = axes[row, col]
             for offset, loss in zip((-0.1, 0, 0.1), LOSSES):
                 means, stds = [], []
-                for batch in args.batch_sizes:
-                    values = [r["scores"][metric] for r in runs
-                              if (r["loss"], r["batch"], r["budget"]) == (loss, batch or "full", budget)]
+                for batch in settings["batch_sizes"]:
+                    values = [r["scores"][metric] for r in of(runs, loss, batch, budget)]
                     means.append(statistics.mean(values))
-                    stds.append(statistics.stdev(values))
+                    stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
                 ax.errorbar(np.arange(len(labels)) + offset, means, yerr=stds, color=colors[loss], marker="o",
                             capsize=3, label=loss)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlabel("batch size")
-            ax.set_title(f"{metric}, {args.epochs if budget == 'epochs' else args.steps} {budget}", fontsize=9)
+            ax.set_title(f"{metric}, {settings[budget]} {budget}", fontsize=9)
             ax.grid(True, alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -271,9 +306,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.report:
-        saved = json.loads(args.out.with_suffix(".json").read_text())
-        report(saved["runs"], saved["chosen"], argparse.Namespace(**{**saved["settings"], "out": args.out}),
-               saved["minutes"])
+        results = harness.load_results(args.out.with_suffix(".json"))
+        plot(results, args.out.with_suffix(".png"))
+        print("\n\n".join(tables(results).values()))
         return
     (pilot if args.pilot else study)(args)
 

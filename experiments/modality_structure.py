@@ -25,13 +25,17 @@ Datasets:
                 the signs of s, one from the signs of p_image, which the text view cannot see.
                 The paper's theory says exact alignment must lose the second.
 
-    python benchmarks/modality_structure.py              # both datasets, about 10 minutes on 2 cores
+    python experiments/modality_structure.py              # both datasets, about 10 minutes on 2 cores
+
+Writes experiments/results/modality_structure.json (the benchmark harness's results schema, a row
+per trained model) and a PNG; its tables, one per dataset: `tables()`, which
+tools/generate_tables.py puts in the docs.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +46,9 @@ from tqdm import tqdm
 
 import flashcl
 from multiview_digits import Tower, augment, load, probe_accuracy, recall_at_k, split, standardize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGULARIZERS = ("geometric", "bridge", "separation")
@@ -143,22 +150,52 @@ def cell(values):
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def datasets_of(runs):
+    return list(dict.fromkeys(run["dataset"] for run in runs))
+
+
+def metrics_of(runs, dataset):
+    """The scores shown for `dataset`: all but the text tower's probes of the image's private label,
+    which the text view cannot see."""
+    metrics = list(next(r for r in runs if r["dataset"] == dataset)["scores"])
+    return [m for m in metrics if not m.startswith("text probe, private")]
+
+
 def table(runs, dataset, metrics):
-    lines = ["| loss | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    lines = []
     for variant in VARIANTS:
         chosen = [r for r in runs if r["dataset"] == dataset and r["variant"] == variant]
         weights = ", ".join(f"{k} {v:g}" for k, v in chosen[0]["weights"].items())
-        name = f"{variant} ({weights})" if weights else variant
-        lines.append(f"| {name} | " + " | ".join(cell([r["scores"][m] for r in chosen]) for m in metrics) + " |")
-    return "\n".join(lines)
+        lines.append({"loss": f"{variant} ({weights})" if weights else variant,
+                      **{m: cell([r["scores"][m] for r in chosen]) for m in metrics}})
+    columns = [(name, lambda row, name=name: row[name]) for name in ("loss", *metrics)]
+    return harness.markdown_table(columns, lines, "l" + "r" * len(metrics))
 
 
-def plot(runs, panels, path):
+def tables(results: dict) -> dict[str, str]:
+    """A table per dataset in the results ("digits", "synthetic"), the study's description above
+    the first; from the results alone."""
+    settings, runs = results["settings"], results["rows"]
+    header = (f"CLIP vs CLIP + CVPR 2023 regularizers, {settings['epochs']} epochs, batch {settings['batch']}, two MLP "
+              f"towers ({settings['hidden']} hidden, {settings['embedding']}-d embeddings); weights chosen on the "
+              f"validation split from {settings['weights']}; {results['minutes']:.1f} min on "
+              f"{results['provenance']['machine']['cpu_threads']} threads.")
+    sections = {}
+    for dataset in datasets_of(runs):
+        sections[dataset] = (("" if sections else header + "\n\n")
+                             + f"**{dataset}** ({results['held_out_pairs'][dataset]} held-out pairs; mean +- std "
+                             f"over seeds {settings['seeds']}):\n\n" + table(runs, dataset, metrics_of(runs, dataset)))
+    return sections
+
+
+def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = results["rows"]
+    panels = [(dataset, metrics_of(runs, dataset)) for dataset in datasets_of(runs)]
     fig, axes = plt.subplots(len(panels), max(len(m) for _, m in panels), figsize=(18, 4 * len(panels)),
                              squeeze=False)
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"]
@@ -178,6 +215,7 @@ def plot(runs, panels, path):
             axes[row, col].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -197,34 +235,20 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
+    results = harness.new_results(__file__, {k: v for k, v in vars(args).items() if k != "out"})
+
     datasets = {name: {"digits": digits_data, "synthetic": synthetic_data}[name]() for name in args.datasets}
-    started, runs, chosen = time.perf_counter(), [], {}
+    started, chosen = time.perf_counter(), {}
     total = len(datasets) * (len(REGULARIZERS) * len(args.weights) + len(VARIANTS) * len(args.seeds))
     with tqdm(total=total, desc="trainings") as progress:
         for dataset, data in datasets.items():
             chosen[dataset], dataset_runs = run(dataset, data, args, progress)
-            runs += dataset_runs
-    minutes = (time.perf_counter() - started) / 60
-
-    panels, sections = [], []
-    for dataset, data in datasets.items():
-        metrics = list(next(r for r in runs if r["dataset"] == dataset)["scores"])
-        if dataset == "synthetic":  # the text tower cannot see the image's private label
-            metrics = [m for m in metrics if not m.startswith("text probe, private")]
-        panels.append((dataset, metrics))
-        sections.append(f"**{dataset}** ({len(data['rows']['test'])} held-out pairs; mean +- std over seeds "
-                        f"{args.seeds}):\n\n" + table(runs, dataset, metrics))
-    header = (f"CLIP vs CLIP + CVPR 2023 regularizers, {args.epochs} epochs, batch {args.batch}, two MLP towers "
-              f"({args.hidden} hidden, {args.embedding}-d embeddings); weights chosen on the validation split from "
-              f"{args.weights}; {minutes:.1f} min on {torch.get_num_threads()} threads.")
-    markdown = header + "\n\n" + "\n\n".join(sections)
-    print(markdown)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "chosen_weights": chosen, "runs": runs, "minutes": minutes}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(runs, panels, args.out.with_suffix(".png"))
+            results["rows"] += dataset_runs
+    results.update(chosen_weights=chosen, minutes=(time.perf_counter() - started) / 60,
+                   held_out_pairs={dataset: len(data["rows"]["test"]) for dataset, data in datasets.items()})
+    written = harness.write_results(args.out, results, plot)
+    print("\n\n".join(tables(results).values()))
+    print(f"\nwrote {written} and .png")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ for every mu; a larger mismatch mu gives heavier weights (their variance is e^(m
 
 Nothing is biased by hand: both see the same negatives, and the conventional loss's bias is
 whatever the logarithm of a noisy average makes of it. SGD with a decaying step size from 10
-random starts per noise level; prints the final theta per loss and level, writes JSON and a PNG.
+random starts per noise level; prints the final theta per loss and level, writes
+experiments/results/gamma_simulation.json (the benchmark harness's results schema, a row per
+noise level and loss) and a PNG of the trajectories; its table: `tables()`, which
+tools/generate_tables.py puts in the docs.
 
-    python benchmarks/gamma_simulation.py
+    python experiments/gamma_simulation.py
 """
 import argparse
-import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +34,11 @@ from tqdm import tqdm
 
 from flashcl.gamma import ema_log, sample_log_weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("conventional", "gamma a=1", "gamma a=inf")
 
 
 def log_batch_denominator(theta, mu, batch, generator):
@@ -64,6 +71,24 @@ def train(method, mu, args, seed):
     return torch.stack(path)
 
 
+def tables(results: dict) -> dict[str, str]:
+    """The final theta per noise level and loss, from the results alone."""
+    settings, rows = results["settings"], results["rows"]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    by_level = {}
+    for row in rows:
+        by_level.setdefault(row["mu"], {})[row["method"]] = row
+    cell = lambda r: f"{r['mean']:.3f} +- {r['std']:.3f} ({r['within_tolerance']}/{r['runs']})"
+    columns = [("mu", lambda level: f"{level[0]:g}"),
+               ("weight variance", lambda level: f"{math.expm1(level[0] * level[0]):.3g}"),
+               *[(method, lambda level, method=method: cell(level[1][method])) for method in methods]]
+    caption = (f"theta* = 1; B = {settings['batch']} negatives per step, {settings['steps']} SGD steps, "
+               f"{settings['runs']} starts per level; final theta mean +- std, and runs within "
+               f"{settings['tolerance']} of 1.")
+    return {"simulation": caption + "\n\n" + harness.markdown_table(columns, list(by_level.items()),
+                                                                     "rr" + "l" * len(methods))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mismatch", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
@@ -80,32 +105,21 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS / "gamma_simulation")
     args = parser.parse_args()
 
-    methods = ("conventional", "gamma a=1", "gamma a=inf")
-    paths, summary = {}, []
-    jobs = [(mu, method) for mu in args.mismatch for method in methods]
+    results = harness.new_results(__file__, {k: v for k, v in vars(args).items() if k != "out"})
+    paths = {}
+    jobs = [(mu, method) for mu in args.mismatch for method in METHODS]
     for level, (mu, method) in enumerate(tqdm(jobs, desc="levels x losses")):
-        path = train(method, mu, args, seed=1000 + level // len(methods))  # same starts for every loss
+        path = train(method, mu, args, seed=1000 + level // len(METHODS))  # same starts for every loss
         paths[(mu, method)] = path
         final = path[-1]
-        summary.append({"mu": mu, "weight_variance": math.expm1(mu * mu), "method": method,
-                        "mean": final.mean().item(), "std": final.std().item(),
-                        "within_tolerance": int(((final - 1).abs() < args.tolerance).sum()), "runs": args.runs})
+        results["rows"].append({"mu": mu, "weight_variance": math.expm1(mu * mu), "method": method,
+                                "mean": final.mean().item(), "std": final.std().item(),
+                                "within_tolerance": int(((final - 1).abs() < args.tolerance).sum()),
+                                "runs": args.runs})
 
-    lines = [f"theta* = 1; B = {args.batch} negatives per step, {args.steps} SGD steps, {args.runs} starts per level; "
-             f"final theta mean +- std, and runs within {args.tolerance} of 1.", "",
-             "| mu | weight variance | " + " | ".join(methods) + " |", "|---:|---:|" + "---|" * len(methods)]
-    for mu in args.mismatch:
-        cells = [f"{r['mean']:.3f} +- {r['std']:.3f} ({r['within_tolerance']}/{r['runs']})"
-                 for r in summary if r["mu"] == mu]
-        lines.append(f"| {mu:g} | {math.expm1(mu * mu):.3g} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table + "\n")
-    plot(paths, args, methods, args.out.with_suffix(".png"))
+    written = harness.write_results(args.out, results, lambda _, png: plot(paths, args, METHODS, png))
+    print(tables(results)["simulation"])
+    print(f"\nwrote {written} and .png")
 
 
 def plot(paths, args, methods, path):
@@ -132,6 +146,7 @@ def plot(paths, args, methods, path):
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
