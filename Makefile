@@ -61,18 +61,21 @@ $(VENV)/.flashcl: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 	touch $@
 
-# Builds flashcl._C and checks its operators register, so a C++ error can never land.
+# Builds flashcl._C and checks its operators register, so a C++ error can never land; then runs
+# open_clip's training script with and without flashcl.integrations.open_clip.
 cuda-build-check: $(CUDA_VENV)/.deps
 	@test -x "$(CUDA_HOME)/bin/nvcc" || { echo "no nvcc at $(CUDA_HOME)/bin/nvcc; set CUDA_HOME"; exit 1; }
 	rm -rf build
 	FLASHCL_BUILD_CUDA=1 CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
 		$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall .
 	FLASHCL_REQUIRE_CUDA_EXTENSION=1 $(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_backend.py tests/test_dispatch.py
+	# open_clip's training script with and without flashcl (it needs torchvision, which the CPU venv cannot load)
+	FLASHCL_REQUIRE_PEERS=1 FLASHCL_REQUIRE_OPEN_CLIP_TRAIN=1 $(CUDA_VENV)/bin/python -m pytest -q tests/test_integration_open_clip.py
 
 $(CUDA_VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(CUDA_VENV)
 	# ninja (in the extra): without it torch's BuildExtension falls back to a slow serial build.
-	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" $(call extra,cuda-build)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" $(call extra,cuda-build) $(call extra,open-clip-train)
 	touch $@
 
 clean:

@@ -367,3 +367,62 @@ def check_columns(count: int) -> None:
     """A ranking loss's columns: the anchors', the positives' and any hard negatives' embeddings."""
     if count < 2:
         raise ValueError(f"expected the anchors' and at least the positives' columns, got {count}")
+
+
+# -- the transformers patches (flashcl.integrations.transformers) ------------------------------------------
+
+def check_optional_bool(name: str, value: Any) -> Optional[bool]:
+    """None, True or False (None: a default chosen at each call)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None, True or False, got {value!r}")
+    return value
+
+
+def check_group_option(name: str, value: Any):
+    """A process group option: None (this process), "world" (the default group, resolved when the loss runs)
+    or a torch.distributed.ProcessGroup."""
+    import torch.distributed as dist
+
+    if value is None or (isinstance(value, str) and value == "world"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f'{name} must be None, "world" or a torch.distributed.ProcessGroup, got {value!r}')
+    if not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(f'{name} must be None, "world" or a torch.distributed.ProcessGroup, got '
+                        f"{type(value).__name__}")
+    return value
+
+
+# -- open_clip's arguments (flashcl.SigLipLoss, flashcl.integrations.open_clip) -----------------------------
+
+def check_chunk_size(chunk_size: Any) -> Optional[int]:
+    """open_clip's SigLipLoss(chunk_size=): None or an int >= 0 (open_clip's rows per chunk; 0, its
+    default, means no chunking). flashcl's tiles bound the memory whatever it is, so it changes nothing."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
+        raise ValueError(f"chunk_size must be None or an int >= 0 (open_clip's rows per chunk, 0 for none; flashcl "
+                         f"ignores it), got {chunk_size!r}")
+    return chunk_size
+
+
+def check_token_id(name: str, value: Any) -> int:
+    """A token id (any int, e.g. a padding id left out of a cross-entropy)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (a token id), got {value!r}")
+    return value
+
+
+def check_caption(logits: Any, labels: Any) -> None:
+    """CoCa's caption inputs: the decoder's (batch, length, vocab) floating logits and the (batch, length)
+    integer labels, on one device."""
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+        what = f"shape {tuple(logits.shape)}, {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating tensor of shape (batch, length, vocab), got {what}")
+    if (not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
+        what = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of token ids (e.g. torch.long), got {what}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels must have shape (batch, length) = {tuple(logits.shape[:2])} (logits' first two "
+                         f"dimensions), got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")

@@ -148,14 +148,17 @@ class SigLipLoss(nn.Module):
     its images against every rank's texts, the texts' gradients back at their owners. open_clip
     exchanges the text shards around a ring (dist_impl "bidir", "shift") or gathers them ("gather",
     "reduce"); all four compute the same numbers, which flashcl computes with one all-gather.
-    cache_labels has nothing to cache here.
+    cache_labels has nothing to cache here. chunk_size (newer open_clip's rows per chunk of the logits;
+    None, or an int >= 0) is accepted and changes nothing: flashcl's tiles already bound the memory.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, *, backend: Optional[str] = None, group=None):
+                 dist_impl: Optional[str] = None, chunk_size: Optional[int] = None, *,
+                 backend: Optional[str] = None, group=None):
         super().__init__()
         checks.check_rank(rank, world_size)
         checks.check_choice("dist_impl", dist_impl, DIST_IMPLS)
+        self.chunk_size = checks.check_chunk_size(chunk_size)
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl = dist_impl or "bidir"
         self.backend, self.group = backend, group
