@@ -59,8 +59,6 @@ def rank_worker(rank, world_size, port, loss, impl, batch, dim, repeats, out_dir
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    import flashcl
-
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=10))
