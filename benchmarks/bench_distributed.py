@@ -175,6 +175,7 @@ TITLES = {"clip": "ClipLoss(local_loss=True, gather_with_grad=True)", "siglip": 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss", choices=list(IMPLEMENTATIONS), default="clip")
+    parser.add_argument("--impls", nargs="+", help="default: every contender of the loss (see IMPLEMENTATIONS)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 8192, 16384], help="global batch")
     parser.add_argument("--dim", type=int, default=256)
@@ -187,7 +188,11 @@ def main():
                 "threads_per_rank": 1}
     results = harness.new_results(__file__, settings)
     # On one rank open_clip's exchanges never run: its dist_impl modes are one computation, measured once.
-    grid = [(w, b, impl) for w in args.world_sizes for b in args.batch_sizes for impl in IMPLEMENTATIONS[args.loss]
+    impls = args.impls or IMPLEMENTATIONS[args.loss]
+    unknown = set(impls) - set(IMPLEMENTATIONS[args.loss])
+    if unknown:
+        parser.error(f"--impls: {sorted(unknown)} are not contenders of --loss {args.loss}: {IMPLEMENTATIONS[args.loss]}")
+    grid = [(w, b, impl) for w in args.world_sizes for b in args.batch_sizes for impl in impls
             if w > 1 or impl in ("open_clip", "open_clip bidir", "flashcl")]
     for w, b, impl in tqdm(grid, desc="distributed points", unit="point"):
         for attempt in (1, 2):  # gloo on loopback occasionally aborts a rank at start-up: one retry, recorded

@@ -79,12 +79,14 @@ def test_named_comparisons(tmp_path, script, kind, names):
     assert all(row["median_s"] > 0 and row["peak_bytes"] >= 0 for row in results["rows"])
 
 
-def test_distributed(tmp_path):
-    results = run_bench("bench_distributed.py", "--world-sizes", "2", "--batch-sizes", "128", "--dim", "16",
-                        "--repeats", "1", tmp_path=tmp_path)
+@pytest.mark.parametrize("loss, impls", [("clip", ["open_clip", "flashcl"]), ("siglip", ["open_clip shift", "flashcl"])])
+def test_distributed(tmp_path, loss, impls):
+    results = run_bench("bench_distributed.py", "--loss", loss, "--impls", *impls, "--world-sizes", "2",
+                        "--batch-sizes", "128", "--dim", "16", "--repeats", "1", tmp_path=tmp_path)
     rows = by_impl(results)
-    assert set(rows) == {"open_clip", "flashcl"}
+    assert set(rows) == set(impls)
     assert all(len(row["per_rank_peak_bytes"]) == 2 and row["median_s"] > 0 for row in rows.values())
+    assert "| 2 | 128 |" in results["stdout"]
 
 
 def test_training_step(tmp_path):
