@@ -166,3 +166,13 @@ def supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contr
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / (count > 0).sum().clamp(min=1) if mean_over == "anchors with a positive" else losses.mean()
+
+
+def clip_distillation(image, text, scale, teacher_image, teacher_text, teacher_scale, reduction="mean"):
+    """open_clip's DistillClipLoss distillation term, materialized: 1/2 the cross-entropy of the teacher's
+    row (and column) softmax against the student's; per pair with reduction="none"."""
+    s, t = logits(image, text, scale), logits(teacher_image, teacher_text, teacher_scale)
+    rows = -(t.softmax(1) * s.log_softmax(1)).sum(1)
+    cols = -(t.T.softmax(1) * s.T.log_softmax(1)).sum(1)
+    per_pair = 0.5 * (rows + cols)
+    return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[reduction]()

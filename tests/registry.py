@@ -152,6 +152,14 @@ def _modality_structure_reference(b):
             + reference.brownian_bridge(b.x, b.y, b.z) + reference.feature_separation(b.x, b.private))
 
 
+TEACHER_SCALE = 5.0
+
+
+def _teacher(b):
+    """A teacher's features for the batch's pairs, of their own dimension (2 D), constants (detached)."""
+    return torch.cat([b.z, b.private], 1).detach(), torch.cat([b.y, b.z.roll(1, 0)], 1).detach()
+
+
 REGISTRY = [
     Entry("infonce_loss", lambda b: ((b.x, b.keys, b.scale), {}),
           lambda b, reduction="mean": reference.infonce(b.x, b.keys, b.scale, reduction=reduction),
@@ -204,6 +212,14 @@ REGISTRY = [
           lambda b: ((b.x, b.y, b.scale), dict(image_aug=b.z, image_private=b.private)),
           _modality_structure_reference, "image_features", constructor=dict(geometric=1.0, bridge=1.0, separation=1.0),
           magnitude=100.0),
+    Entry("clip_distillation_loss", lambda b: ((b.x, b.y, b.scale, *_teacher(b), TEACHER_SCALE), {}),
+          lambda b, reduction="mean": reference.clip_distillation(b.x, b.y, b.scale, *_teacher(b), TEACHER_SCALE,
+                                                                  reduction),
+          "image_features", REDUCTIONS, function="values"),
+    Entry("DistillClipLoss", lambda b: ((b.x, b.y, b.scale, *_teacher(b), TEACHER_SCALE), {}),
+          lambda b: reference.clip(b.x, b.y, b.scale) + reference.clip_distillation(b.x, b.y, b.scale, *_teacher(b),
+                                                                                    TEACHER_SCALE),
+          "image_features", takes_group=False, function="values", output=lambda out: out[0] + out[1]),
 ]
 REGISTRY_BY_NAME = {entry.name: entry for entry in REGISTRY}
 

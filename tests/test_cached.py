@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashcl
-from conftest import assert_norm_close
+from conftest import assert_norm_close, require_peer
 
 
 class Tower(nn.Module):
@@ -197,3 +197,146 @@ def test_the_module_form(towers_and_scale):
 def test_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call(Tower(10))
+
+
+# Tokenized text: each chunk is cut to its longest row (trailing padding), which changes nothing where the
+# encoder masks padding. A tiny randomly initialized BERT (no download) on rows of very different lengths.
+WIDTH = 40
+LENGTHS = [3, 5, 2, 4, 5, 1,  12, 7, 9, 3, 12, 2,  40, 6, 2, 8, 3, 5,  2, 1]  # chunks of 6: widths 5, 12, 40, 2
+
+
+def tokens(lengths, seed, width=WIDTH, vocab=60):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g) * mask
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+
+
+class MeanPooledBert(nn.Module):
+    """A 2-layer BERT, mean-pooled over the mask; records the (rows, width) of every call."""
+
+    def __init__(self, dropout=0.0, attention="sdpa"):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        self.bert = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=WIDTH,
+                                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                         attn_implementation=attention))
+        self.shapes = []
+
+    def forward(self, features):
+        self.shapes.append(tuple(features["input_ids"].shape))
+        hidden = self.bert(**features).last_hidden_state
+        mask = features["attention_mask"][..., None].to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+
+
+@pytest.fixture
+def bert():
+    require_peer("transformers")
+    return MeanPooledBert()
+
+
+def bert_step(bert, trim_padding, columns=2):
+    bert.zero_grad(set_to_none=True)
+    bert.shapes.clear()
+    towers = [(bert, tokens(LENGTHS, seed)) for seed in range(columns)]
+    loss = flashcl.cached_loss(lambda a, b: flashcl.clip_loss(a, b, 20.0), *towers, chunk_size=6,
+                               trim_padding=trim_padding)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in bert.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, list(bert.shapes)
+
+
+def test_chunks_of_tokenized_text_are_cut_to_their_longest_row(bert):
+    loss, grads, shapes = bert_step(bert, trim_padding=True)
+    want_loss, want_grads, full_shapes = bert_step(bert, trim_padding=False)
+    chunk_shapes = [(6, 5), (6, 12), (6, 40), (2, 2)]
+    assert shapes == chunk_shapes * 2 + chunk_shapes * 2  # both towers, first pass then replay
+    assert full_shapes == [(rows, WIDTH) for rows, _ in chunk_shapes] * 4  # the opt-out: the whole width
+    assert grads.keys() == want_grads.keys() and len(grads) > 30
+    assert_norm_close(loss, want_loss, 1e-5, "loss")
+    whole = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want_grads.values()]))
+    for name, want in want_grads.items():
+        if name.endswith("attention.self.key.bias"):  # exactly 0 (softmax ignores a shift per query): rounding
+            assert torch.linalg.vector_norm(grads[name]) <= 1e-7 * whole, name
+        else:
+            assert_norm_close(grads[name], want, 1e-5, name)
+
+
+def test_trimmed_chunks_replay_dropout_and_autocast():
+    """With dropout (and bf16 autocast), the replay draws the first pass's masks at the cut width: the
+    gradient is that of the same trimmed chunks kept whole. Eager attention: with torch's CPU SDPA,
+    attention dropout under bf16 autocast gives a replayed chunk a gradient ~1e-2 off the reference
+    whether the chunks are cut or not (fp32, and dropout elsewhere, replay exactly)."""
+    require_peer("transformers")
+    bert = MeanPooledBert(dropout=0.2, attention="eager").train()
+    towers = [(bert, tokens(LENGTHS, seed)) for seed in range(2)]
+    names, params = zip(*[(n, p) for n, p in bert.named_parameters() if ".pooler." not in n])  # the pooler: unused
+    loss_fn = lambda a, b: flashcl.clip_loss(a, b, 20.0)
+    for autocast in (False, True):
+        context = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        torch.manual_seed(7)
+        with context():
+            loss = flashcl.cached_loss(loss_fn, *towers, chunk_size=6)
+        loss.backward()
+        cached = gradients(params)
+        torch.manual_seed(7)
+        embeddings = []
+        for _, inputs in towers:
+            pieces = []
+            for start, width in zip(range(0, len(LENGTHS), 6), (5, 12, 40, 2)):
+                with context():
+                    pieces.append(bert({k: v[start:start + 6, :width] for k, v in inputs.items()}))
+            embeddings.append(torch.cat(pieces))
+        with context():
+            want = loss_fn(*embeddings)
+        want.backward()
+        assert_norm_close(loss.detach(), want.detach(), 1e-5, f"loss, autocast={autocast}")
+        for name, got, ref in zip(names, cached, gradients(params)):
+            if not name.endswith("attention.self.key.bias"):  # exactly 0: rounding either way
+                assert_norm_close(got, ref, 1e-5, f"{name}, autocast={autocast}")
+
+
+class Recorder(nn.Module):
+    """Embeds token ids (masked where a mask is given); records every input's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.shapes = nn.Embedding(60, 8), []
+
+    def forward(self, features):
+        if torch.is_tensor(features):
+            features = {"input_ids": features}
+        self.shapes.append({k: tuple(v.shape) for k, v in features.items() if torch.is_tensor(v)})
+        x = self.embed(features["input_ids"])
+        if "attention_mask" in features:
+            x = x * features["attention_mask"][..., None]
+        return F.normalize(x.sum(1) + 1e-3, dim=1)
+
+
+def test_what_is_cut_and_what_is_not():
+    require_peer("transformers")
+    from transformers import BatchEncoding
+
+    encoder = Recorder()
+    text = tokens([2, 3, 0, 0, 7, 1], seed=0, width=10)  # the second chunk's mask is all zeros: kept whole
+    text["row_weights"] = torch.ones(6)  # not (N, L): rows only
+    text["per_token"] = torch.ones(6, 10, 3)  # (N, L, ...): cut too
+    text["label"] = "kept"  # not a tensor: as it is
+    no_mask = {"input_ids": text["input_ids"]}
+    loss = flashcl.cached_loss(lambda a, b, c: (a * b).sum() + c.sum(), (encoder, BatchEncoding(text)),
+                               (encoder, no_mask), (encoder, text["input_ids"]), chunk_size=2)
+    loss.backward()
+    first = encoder.shapes[:len(encoder.shapes) // 2]
+    assert first[:3] == [{"input_ids": (2, w), "token_type_ids": (2, w), "attention_mask": (2, w), "row_weights": (2,),
+                          "per_token": (2, w, 3)} for w in (3, 10, 7)]
+    assert first[3:] == [{"input_ids": (2, 10)}] * 6  # no mask, or a tensor: untouched
+    assert encoder.shapes[len(first):] == first  # the replay sees what the first pass saw
+    encoder.shapes.clear()
+    with torch.no_grad():  # evaluation cuts too; the module form passes the opt-out on
+        flashcl.cached_loss(lambda a: a.sum(), (encoder, text), chunk_size=2)
+        flashcl.CachedLoss(lambda a: a.sum(), chunk_size=2, trim_padding=False)((encoder, text))
+    assert [s["input_ids"] for s in encoder.shapes] == [(2, 3), (2, 10), (2, 7)] + [(2, 10)] * 3

@@ -82,6 +82,13 @@ CASES = {
                     "share"),
     "siglip none": (lambda t, s, g, b: flashcl.siglip_loss(t["image"], t["text"], s, s - 9, "none", backend=b,
                                                            group=g), "rows"),
+    # The teacher: constants of their own dimension (2 D).
+    "clip distillation": (lambda t, s, g, b: flashcl.clip_distillation_loss(
+        t["image"], t["text"], s, torch.cat([t["aug"], t["text"]], 1).detach(),
+        torch.cat([t["text"], t["aug"]], 1).detach(), 3.0, backend=b, group=g), "share"),
+    "clip distillation none": (lambda t, s, g, b: flashcl.clip_distillation_loss(
+        t["image"], t["text"], s, torch.cat([t["aug"], t["text"]], 1).detach(),
+        torch.cat([t["text"], t["aug"]], 1).detach(), 3.0, "none", backend=b, group=g), "rows"),
     "supcon, labels": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), t["labels"],
                                                               0.15, backend=b, group=g), "share"),
     "supcon, views only": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), None,

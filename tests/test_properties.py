@@ -329,13 +329,35 @@ def supcon_case(draw, entry):
                                                   reduction=reduction or "mean"))
 
 
+def distillation_case(draw, entry):
+    """The student's features are drawn as CLIP's; the teacher's (constants) have a drawn dimension of
+    their own and a drawn scale. The per-pair loss is at most 2 s R^2 + log N, its weights sum to at most
+    4 per direction (the student's and the teacher's softmax)."""
+    n = draw.rows()
+    reduction, features = draw.reduction(entry), [draw.features(n), draw.features(n)]
+    teacher_dim = draw.data.draw(st.integers(1, draw.max_dim))
+    teacher = [torch.nn.functional.normalize(torch.randn(n, teacher_dim, generator=draw.generator, dtype=torch.float64,
+                                                         device=DEVICE), dim=1).to(draw.dtype) for _ in range(2)]
+    teacher_scale = 10 ** draw.data.draw(st.floats(-2, 2))
+    exact = [t.double() for t in teacher]  # the reference's teacher: the same values, in float64
+    loss_fn = entry.loss_fn(**draw.options(entry, reduction))
+    if entry.is_module:
+        call = lambda f, s: sum(loss_fn(*f, s, *teacher, teacher_scale))
+        ref = lambda f, s: reference.clip(*f, s) + reference.clip_distillation(*f, s, *exact, teacher_scale)
+    else:
+        call = lambda f, s: loss_fn(*f, s, *teacher, teacher_scale)
+        ref = lambda f, s: reference.clip_distillation(*f, s, *exact, teacher_scale, reduction or "mean")
+    return dict(features=features, reduction=reduction, **contrastive_terms(draw, features, 2.0), call=call, ref=ref)
+
+
 # Each registered loss's case; a module shares its function's.
 CASES = {"infonce_loss": infonce_case, "InfoNCELoss": infonce_case, "clip_loss": clip_case, "ClipLoss": clip_case,
          "nt_xent_loss": nt_xent_case, "NTXentLoss": nt_xent_case, "gamma_weighted_loss": gamma_case,
          "GammaContrastiveLoss": gamma_module_case, "row_logsumexp": row_logsumexp_case,
          "brownian_bridge_loss": bridge_case, "geometric_consistency_loss": geometric_case,
          "feature_separation_loss": separation_case, "ModalityStructureLoss": modality_case,
-         "siglip_loss": siglip_case, "SigLipLoss": siglip_case, "supcon_loss": supcon_case, "SupConLoss": supcon_case}
+         "siglip_loss": siglip_case, "SigLipLoss": siglip_case, "supcon_loss": supcon_case, "SupConLoss": supcon_case,
+         "clip_distillation_loss": distillation_case, "DistillClipLoss": distillation_case}
 INTERPRETED = [entry for entry in REGISTRY if entry.takes_backend]
 
 

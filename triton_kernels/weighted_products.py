@@ -10,6 +10,8 @@ row, so there are no atomics and the result is bit-identical run to run.
 
 dx = s * (G @ y) is this kernel on (x, y); dy = s * (G.T @ x) is the same kernel on (y, x)
 with the row and column terms swapped, so each gradient costs one recompute of S.
+With HAS_VALUES the product is G @ v for a separate values operand v (b's rows, its own width
+value_dim; docs/design.md, "Values"); without it that code is not compiled in.
 flashcl.backends.fused launches it a chunk of rows at a time, so the fp32 output stays small.
 """
 import torch
@@ -30,11 +32,12 @@ POSITIVES_BY_COLUMN: tl.constexpr = tl.constexpr(_BY_COLUMN)
 def _weighted_products_kernel(
     a_ptr, b_ptr, out_ptr, scale_ptr,
     row_w_ptr, row_off_ptr, col_w_ptr, col_off_ptr, pos_index_ptr, pos_coeff_ptr,
+    v_ptr, value_dim, stride_vc, stride_vd,  # the values operand (HAS_VALUES only)
     row_start, row_end, n_cols, dim,
     stride_ar, stride_ad, stride_bc, stride_bd, stride_or,
     rows_bucket, cols_bucket,  # autotuning keys only
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, POSITIVES: tl.constexpr,
-    EXCLUDE_DIAGONAL: tl.constexpr, SIGMOID: tl.constexpr,
+    EXCLUDE_DIAGONAL: tl.constexpr, SIGMOID: tl.constexpr, HAS_VALUES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, HALF_PRODUCT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -79,12 +82,23 @@ def _weighted_products_kernel(
             # no overflow, and a row of small weights keeps its own precision.
             # (At least the smallest normal fp32, so the reciprocal is finite; an all-zero row stays 0.)
             row_peak = tl.maximum(tl.max(tl.abs(g), axis=1), 1.1754943508222875e-38)
-            g = (g * (1.0 / row_peak)[:, None]).to(b_ptr.dtype.element_ty)
-        for d0 in range(0, dim, BLOCK_D):
+            if HAS_VALUES:
+                g = (g * (1.0 / row_peak)[:, None]).to(v_ptr.dtype.element_ty)
+            else:
+                g = (g * (1.0 / row_peak)[:, None]).to(b_ptr.dtype.element_ty)
+        if HAS_VALUES:
+            out_dim = value_dim
+        else:
+            out_dim = dim
+        for d0 in range(0, out_dim, BLOCK_D):
             ds = tl.arange(0, BLOCK_D).to(tl.int64) + d0
-            d_ok = ds < dim
-            b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            d_ok = ds < out_dim
+            if HAS_VALUES:  # G @ v: the values' tile, from its own pointer and strides
+                b = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + ds[None, :] * stride_vd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bc + ds[None, :] * stride_bd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 b = b.to(tl.float32)
             out_ptrs = out_ptr + (rows - row_start)[:, None].to(tl.int64) * stride_or + ds[None, :]
@@ -102,18 +116,21 @@ def _weighted_products_kernel(
 
 _weighted_products_tuned = triton.autotune(
     configs=backward_configs(),
-    key=["dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES", "EXCLUDE_DIAGONAL",
-         "SIGMOID", "PRECISION"],
+    key=["dim", "value_dim", "rows_bucket", "cols_bucket", "HAS_ROW_TERM", "HAS_COL_TERM", "POSITIVES",
+         "EXCLUDE_DIAGONAL", "SIGMOID", "HAS_VALUES", "PRECISION"],
     reset_to_zero=["out_ptr"],
 )(_weighted_products_kernel)
 
 
 def weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                      positives_by, exclude_diagonal, row_start, row_end, sigmoid=False, fixed_config=False):
-    """Rows [row_start, row_end) of G @ b in fp32 (see flashcl.backends.fused for the contract);
-    fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
+                      positives_by, exclude_diagonal, row_start, row_end, sigmoid=False, fixed_config=False,
+                      values=None):
+    """Rows [row_start, row_end) of G @ b in fp32 (G @ values with values, a tensor of b's rows;
+    see flashcl.backends.fused for the contract); fixed_config launches one config whatever the
+    autotuner would choose (deterministic runs)."""
     check_row_counts(a.shape[0], b.shape[0])
-    out = torch.zeros(row_end - row_start, a.shape[1], dtype=torch.float32, device=a.device)
+    v = b if values is None else values  # without values, its arguments repeat b's and go unused
+    out = torch.zeros(row_end - row_start, v.shape[1], dtype=torch.float32, device=a.device)
     absent = scale  # stands in for the pointers of a term the constexpr flags switch off
     grid = lambda meta: (triton.cdiv(row_end - row_start, meta["BLOCK_R"]),)
     launch(_weighted_products_tuned, grid,
@@ -121,11 +138,13 @@ def weighted_products(a, b, scale, row_w, row_off, col_w, col_off, pos_index, po
             absent if row_w is None else row_w, absent if row_off is None else row_off,
             absent if col_w is None else col_w, absent if col_off is None else col_off,
             absent if pos_index is None else pos_index, absent if pos_coeff is None else pos_coeff,
+            v, v.shape[1], v.stride(0), v.stride(1),
             row_start, row_end, b.shape[0], a.shape[1],
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
             size_bucket(row_end - row_start), size_bucket(b.shape[0])),
            dict(HAS_ROW_TERM=row_w is not None, HAS_COL_TERM=col_w is not None, POSITIVES=positives_by,
-                EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=sigmoid, UPCAST=upcast(a.dtype),
+                EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=sigmoid, HAS_VALUES=values is not None,
+                UPCAST=upcast(a.dtype),
                 HALF_PRODUCT=a.dtype != torch.float32 and not upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
            fixed_config, a.device)
     return out

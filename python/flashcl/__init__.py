@@ -3,6 +3,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .backends.torch_tiles import tiling
 from .cached import CachedLoss, cached_loss
+from .distill import DistillClipLoss, clip_distillation_loss
 from .gamma import GammaContrastiveLoss
 from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss, row_logsumexp
 from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # a source tree on sys.path, never installed
 __all__ = [
     "CachedLoss",
     "ClipLoss",
+    "DistillClipLoss",
     "GammaContrastiveLoss",
     "GammaWeightedLoss",
     "InfoNCELoss",
@@ -30,6 +32,7 @@ __all__ = [
     "available_backends",
     "brownian_bridge_loss",
     "cached_loss",
+    "clip_distillation_loss",
     "clip_loss",
     "feature_separation_loss",
     "gamma_weighted_loss",

@@ -9,7 +9,7 @@ A public loss is a short function over three things here:
 2. `Plan`, one frozen object with a call's options and where it runs, instead of positional flags;
 3. the autograd Functions over the two primitives, each behind one entry point:
    `contrastive_loss` (the softmax family: InfoNCE, CLIP, NT-Xent, the gamma-weighted loss),
-   `sigmoid_loss` (SigLIP) and `row_logsumexp`.
+   `sigmoid_loss` (SigLIP), `row_logsumexp` and `distillation_loss` (CLIP distillation).
 
 For example, the CLIP loss:
 
@@ -480,3 +480,73 @@ def sigmoid_loss(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, plan: Plan) 
     x, y = matmul_inputs(x, y)
     with autocast_off(x.device):
         return SigmoidLoss.apply(x, y, scale, bias, plan)
+
+
+# -- distillation: the student's softmax against the teacher's -----------------------------------------------
+
+class DistillationLoss(torch.autograd.Function):
+    """The symmetric cross-entropy of the teacher's softmax against the student's; see `distillation_loss`."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, teacher_x, teacher_y, teacher_scale, plan):
+        keys, teacher_keys = candidates(x, y, plan), candidates(teacher_x, teacher_y, plan)
+        backend, shards = plan.backend, plan.shards
+        row_lse, col_lse = backend.lse(x, keys, scale, rows=True, cols=True)
+        teacher_row, teacher_col = backend.lse(teacher_x, teacher_keys, teacher_scale, rows=True, cols=True)
+        col_lse, teacher_col = shards.column_lse(col_lse), shards.column_lse(teacher_col)
+        teacher_col_offsets = shards.gather_columns(teacher_col)
+        # V_i = sum_j pT_ij y_j (the teacher's row softmax applied to the student's candidates) and
+        # U_j = sum_i pT(col)_ij x_i (its column softmax to the student's anchors, summed over ranks).
+        v, _, _ = backend.weighted_grad(teacher_x, teacher_keys, teacher_scale, a=torch.ones_like(teacher_row),
+                                        o=teacher_row, values=(x, keys), need_dx=True, need_dy=False)
+        _, u, _ = backend.weighted_grad(teacher_x, teacher_keys, teacher_scale,
+                                        b=torch.ones_like(teacher_col_offsets), p=teacher_col_offsets,
+                                        values=(x, keys), need_dx=False, need_dy=True)
+        u = shards.candidate_grads(u)
+        dtype = scale.dtype
+        row_losses = row_lse - scale * (x.to(dtype) * v).sum(dim=1)
+        col_losses = col_lse - scale * (y.to(dtype) * u).sum(dim=1)
+        ctx.save_for_backward(x, y, keys, scale, teacher_x, teacher_keys, teacher_scale, row_lse, col_lse,
+                              teacher_row, teacher_col)
+        ctx.plan, ctx.device = plan, x.device
+        return reduce(0.5 * (row_losses + col_losses), plan)
+
+    @staticmethod
+    @once_differentiable
+    @without_autocast
+    def backward(ctx, grad):
+        x, y, keys, scale, teacher_x, teacher_keys, teacher_scale, row_lse, col_lse, teacher_row, teacher_col = \
+            ctx.saved_tensors
+        plan, shards = ctx.plan, ctx.plan.shards
+        share = anchor_weights(grad, x.shape[0], plan) * 0.5
+        col_weights = shards.gather_columns(share.contiguous())
+        need_dx, need_dy, need_ds = ctx.needs_input_grad[:3]
+        # dL/dS_ij = share_i (pS_ij - pT_ij) + share_j (pS(col)_ij - pT(col)_ij): the student's part is
+        # CLIP's backward without its positives, the teacher's the same weights on the teacher's tile
+        # multiplying the student's features (primitive 2 with values).
+        dx, dkeys, ds = plan.backend.weighted_grad(
+            x, keys, scale, a=share, o=row_lse, b=col_weights, p=shards.gather_columns(col_lse),
+            need_dx=need_dx, need_dy=need_dy, need_ds=need_ds)
+        tx, tkeys, tds = plan.backend.weighted_grad(
+            teacher_x, teacher_keys, teacher_scale, a=share, o=teacher_row, b=col_weights,
+            p=shards.gather_columns(teacher_col), values=(x, keys), need_dx=need_dx, need_dy=need_dy,
+            need_ds=need_ds)
+        dy = None
+        if need_dx:
+            dx = (dx.to(tx.dtype) - scale * tx).to(x.dtype)
+        if need_dy:
+            dy = shards.candidate_grads((dkeys.to(tkeys.dtype) - scale * tkeys).to(keys.dtype))
+        if need_ds:
+            ds = ds - tds
+        return dx, dy, ds, None, None, None, None
+
+
+def distillation_loss(x: Tensor, y: Tensor, scale: Tensor, teacher_x: Tensor, teacher_y: Tensor,
+                      teacher_scale: Tensor, plan: Plan) -> Tensor:
+    """With S = s x y^T (student) and T = t x' y'^T (teacher, a constant), the per-pair loss
+    1/2 (-sum_j pT_ij log pS_ij - sum_j pT(col)_ji log pS(col)_ji), pT the teacher's row (column)
+    softmax: -sum_j pT_ij log pS_ij = r_i - s x_i . V_i with V_i = sum_j pT_ij y_j, which is primitive 2
+    on the teacher's tile with the student's features as values (columns alike). Nothing N x M."""
+    x, y, teacher_x, teacher_y = matmul_inputs(x, y, teacher_x, teacher_y)
+    with autocast_off(x.device):
+        return DistillationLoss.apply(x, y, scale, teacher_x, teacher_y, teacher_scale, plan)

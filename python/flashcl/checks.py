@@ -78,6 +78,15 @@ def check_weight(name: str, value: Any) -> float:
     return check_number(name, value, 0.0, low_open=False)
 
 
+def check_label_smoothing(value: Any) -> float:
+    """F.cross_entropy's label_smoothing: a Python float (or int) in [0, 1], as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"label_smoothing must be a Python float in [0, 1] (as in F.cross_entropy), "
+                        f"got {type(value).__name__}")
+    return check_number("label_smoothing", value, 0.0, 1.0, low_open=False, high_open=False,
+                        meaning=" (the weight of the uniform distribution over the candidates, as in F.cross_entropy)")
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -125,11 +134,12 @@ def check_features(name: str, features: Tensor) -> Tensor:
     return features
 
 
-def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool = False) -> None:
-    """Two feature matrices that can be multiplied: same dim, dtype and device (and rows if asked)."""
+def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool = False, same_dim: bool = True) -> None:
+    """Two feature matrices that can be multiplied: same dim, dtype and device (and rows if asked;
+    without `same_dim`, features of two models for the same rows, e.g. a student's and a teacher's)."""
     check_features(name_a, a)
     check_features(name_b, b)
-    if a.shape[1] != b.shape[1]:
+    if same_dim and a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} and {name_b} must have the same feature dimension, "
                          f"got {a.shape[1]} and {b.shape[1]}")
     if same_rows and a.shape[0] != b.shape[0]:
@@ -139,6 +149,13 @@ def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, same_rows: bool =
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_constant(name: str, value: Any) -> None:
+    """An input the loss treats as a constant (a teacher's features or scale): no gradient may be asked of it."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} requires grad, but the loss takes no gradient through it: pass {name}.detach() "
+                         "(or compute it under torch.no_grad())")
 
 
 def check_enough_rows(name: str, features: Tensor, other_name: str, rows: int) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from .checks import check_gamma_pairing, check_log_weights
+from .checks import check_gamma_pairing, check_label_smoothing, check_log_weights
 
 
 def row_logsumexp(
@@ -52,6 +52,7 @@ def infonce_loss(
     targets: Optional[Tensor] = None,
     reduction: str = "mean",
     *,
+    label_smoothing: float = 0.0,
     backend: Optional[str] = None,
     group=None,
 ) -> Tensor:
@@ -64,14 +65,20 @@ def infonce_loss(
         targets: (N,) integer index of each query's positive key; default i -> i (needs M >= N).
             With a group, indices into the concatenation of every rank's keys.
         reduction: "mean" | "sum" | "none" (per-query losses, shape (N,)).
+        label_smoothing: eps, a float in [0, 1], as in ``F.cross_entropy``: each query's target puts
+            1 - eps on its positive and eps / C on every one of the C = M candidates (with a group,
+            every rank's), so l_i = r_i - (1 - eps) S_{i,t_i} - (eps / C) sum_j S_ij. 0 (the
+            default) is plain InfoNCE. It costs O(N D) more work (with a group, a sum over ranks of
+            the queries' positive keys and of the keys' sum).
         backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
         group (torch.distributed.ProcessGroup | None): a process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
             ranks is exactly the global loss and gradient (see flashcl.distributed).
 
-    Equals ``F.cross_entropy(scale * queries @ keys.T, targets, reduction=reduction)`` without
-    the (N, M) matrix. Features are used as given: normalize them first for cosine logits.
+    Equals ``F.cross_entropy(scale * queries @ keys.T, targets, reduction=reduction,
+    label_smoothing=label_smoothing)`` without the (N, M) matrix. Features are used as given:
+    normalize them first for cosine logits.
     The loss is returned in fp32 (fp64 for fp64 inputs); gradients in the input dtype.
     """
     with _core.Call("infonce_loss", group, backend) as call:
@@ -79,7 +86,41 @@ def infonce_loss(
         call.reduction(reduction)
         scale = call.scale("scale", scale)
         call.targets(targets)
-    return _core.contrastive_loss(queries, keys, scale, call.positions, call.plan(reduction=reduction)).loss
+        label_smoothing = check_label_smoothing(label_smoothing)
+        call.agree(label_smoothing=label_smoothing)
+    plan = call.plan(reduction=reduction)
+    loss = _core.contrastive_loss(queries, keys, scale, call.positions, plan).loss
+    if not label_smoothing:
+        return loss
+    x, y = _core.matmul_inputs(queries, keys)  # the features the core multiplied (autocast's dtype)
+    with _core.autocast_off(x.device):
+        shards, dtype = call.shards, scale.dtype
+        count = shards.keys if call.sharded else y.shape[0]
+        positives = _positive_keys(y, targets, call, dtype)
+        terms = _smoothing_terms(x, positives, shards.sum(y.sum(0, dtype=dtype)), count, scale)
+    return loss + _core.reduce(label_smoothing * terms, plan)
+
+
+def _smoothing_terms(anchors: Tensor, positives: Tensor, candidate_sum: Tensor, count: int, scale: Tensor) -> Tensor:
+    """Label smoothing's addition to each anchor's InfoNCE, before its weight eps:
+    S_{i,t_i} - mean_j S_ij = s x_i . (y_{t_i} - sum_j y_j / C), O(N D), in the statistics dtype."""
+    dtype = scale.dtype
+    return scale * (anchors.to(dtype) * (positives.to(dtype) - candidate_sum / count)).sum(1)
+
+
+def _positive_keys(keys: Tensor, targets: Optional[Tensor], call: _core.Call, dtype: torch.dtype) -> Tensor:
+    """Each anchor's positive key y_{t_i}, differentiably. With a group the positive may sit on any rank:
+    every rank fills, for every rank's anchors (their global targets gathered), the rows it holds, and a
+    sum over ranks assembles them, whose backward brings each key its gradient from every rank."""
+    if not call.sharded:
+        return keys[call.positions]
+    shards, n = call.shards, call.positions.shape[0]
+    if targets is None:  # global anchor i against global key i
+        targets = torch.arange(n, device=keys.device) + shards.anchor_offset
+    rows = shards.gather_anchors(targets.long()) - shards.key_offset  # every anchor's target, as a row here
+    held = (rows >= 0) & (rows < keys.shape[0])
+    filled = torch.where(held[:, None], keys[rows.clamp(0, keys.shape[0] - 1)].to(dtype), 0.0)
+    return shards.sum(filled)[shards.anchor_offset:shards.anchor_offset + n]
 
 
 def clip_loss(
@@ -88,6 +129,7 @@ def clip_loss(
     logit_scale: Union[float, Tensor],
     reduction: str = "mean",
     *,
+    label_smoothing: float = 0.0,
     backend: Optional[str] = None,
     group=None,
 ) -> Tensor:
@@ -98,21 +140,39 @@ def clip_loss(
         text_features: (N, D), row i the positive of row i of image_features.
         logit_scale: the multiplier itself (open_clip's ``logit_scale.exp()``), a float or 0-d tensor.
         reduction: "mean" | "sum" | "none" (per-pair losses 1/2 (l_i2t + l_t2i), shape (N,)).
+        label_smoothing: eps, a float in [0, 1], as in ``F.cross_entropy``, in both directions: each
+            image's target puts 1 - eps on its text and eps / N on every text, each text's likewise
+            over the images (N: every rank's pairs with a group). 0 (the default) is plain CLIP.
+            It costs O(N D) more work (with a group, a sum over ranks of the features' sums).
         backend: "auto" | "triton" | "cuda" | "torch"; default $FLASHCL_BACKEND or "auto".
         group (torch.distributed.ProcessGroup | None): a process group (None: this process only). Each rank passes its
             shard of the rows; the loss is that of the concatenation of every rank's shards in rank
             order, and each rank gets back its share times the world size, so DDP's average over
             ranks is exactly the global loss and gradient (see flashcl.distributed).
 
-    Features are used as given; CLIP-style callers L2-normalize them first.
+    With S = logit_scale * image_features @ text_features.T and labels 0..N-1, equals
+    ``(F.cross_entropy(S, labels, label_smoothing=eps) + F.cross_entropy(S.T, labels, label_smoothing=eps)) / 2``
+    (reduction "mean") without the (N, N) matrix. Features are used as given; CLIP-style callers
+    L2-normalize them first.
     """
     with _core.Call("clip_loss", group, backend) as call:
         call.features("image_features", image_features, "text_features", text_features, same_rows=True)
         call.reduction(reduction)
         logit_scale = call.scale("logit_scale", logit_scale)
         call.targets(None)
+        label_smoothing = check_label_smoothing(label_smoothing)
+        call.agree(label_smoothing=label_smoothing)
     plan = call.plan(reduction=reduction, symmetric=True)
-    return _core.contrastive_loss(image_features, text_features, logit_scale, call.positions, plan).loss
+    loss = _core.contrastive_loss(image_features, text_features, logit_scale, call.positions, plan).loss
+    if not label_smoothing:
+        return loss
+    x, y = _core.matmul_inputs(image_features, text_features)  # the features the core multiplied
+    with _core.autocast_off(x.device):
+        dtype, count = logit_scale.dtype, call.shards.global_anchors(x.shape[0])
+        text_sum, image_sum = call.shards.sum(torch.stack([y.sum(0, dtype=dtype), x.sum(0, dtype=dtype)]))
+        terms = 0.5 * (_smoothing_terms(x, y, text_sum, count, logit_scale)  # image -> text, over the texts
+                       + _smoothing_terms(y, x, image_sum, count, logit_scale))  # text -> image, over the images
+    return loss + _core.reduce(label_smoothing * terms, plan)
 
 
 def nt_xent_loss(

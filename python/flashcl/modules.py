@@ -42,6 +42,11 @@ class ClipLoss(nn.Module):
       role as candidates: open_clip's gradient, reproduced with two InfoNCE passes against the
       gathered features.
 
+    label_smoothing (not one of open_clip's arguments; keyword only, default 0) is `flashcl.clip_loss`'s:
+    ``F.cross_entropy``'s label smoothing in both directions, over every rank's candidates in the
+    modes above that compute the global or the gathered loss, and over the gathered candidates in
+    (True, False).
+
     cache_labels has nothing to cache here; use_horovod is not supported (torch.distributed only).
     A constant logit_bias cancels inside softmax cross-entropy: it changes neither the loss nor
     any gradient, and gets no gradient.
@@ -49,13 +54,15 @@ class ClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, backend: Optional[str] = None, group=None):
+                 use_horovod: bool = False, *, label_smoothing: float = 0.0, backend: Optional[str] = None,
+                 group=None):
         super().__init__()
         checks.check_supported(not use_horovod, "use_horovod=True: flashcl.ClipLoss runs on torch.distributed only; "
                                "initialize a torch.distributed process group and pass world_size and rank")
         checks.check_rank(rank, world_size)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
+        self.label_smoothing = checks.check_label_smoothing(label_smoothing)
         self.backend, self.group = backend, group
 
     def _process_group(self):
@@ -65,12 +72,13 @@ class ClipLoss(nn.Module):
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False
                 ) -> Union[Tensor, Dict[str, Tensor]]:
         if self.world_size == 1:
-            loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+            loss = clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
+                             backend=self.backend)
         elif self.local_loss and not self.gather_with_grad:
             loss = self._local_loss_own_gradients(image_features, text_features, logit_scale)
         elif self.local_loss:  # gather_with_grad: world_size times this rank's share, exact gradients
-            loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend,
-                             group=self._process_group())
+            loss = clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
+                             backend=self.backend, group=self._process_group())
         else:
             loss = self._global_loss_on_every_rank(image_features, text_features, logit_scale)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -85,7 +93,8 @@ class ClipLoss(nn.Module):
         if not self.gather_with_grad:
             image_features = ScaleGradient.apply(image_features, 1.0 / self.world_size)
             text_features = ScaleGradient.apply(text_features, 1.0 / self.world_size)
-        share = clip_loss(image_features, text_features, logit_scale, backend=self.backend, group=group)
+        share = clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
+                          backend=self.backend, group=group)
         total = share.detach().clone()
         collective("ClipLoss", "loss sum", group, lambda: dist.all_reduce(total, group=group))
         return share + (total / self.world_size - share).detach()  # the value of the global loss
@@ -97,8 +106,9 @@ class ClipLoss(nn.Module):
         shards = call.shards
         all_images, all_texts = shards.gather_detached(image_features), shards.gather_detached(text_features)
         targets = torch.arange(image_features.shape[0], device=image_features.device) + shards.key_offset
-        return 0.5 * (infonce_loss(image_features, all_texts, logit_scale, targets, backend=self.backend)
-                      + infonce_loss(text_features, all_images, logit_scale, targets, backend=self.backend))
+        options = dict(label_smoothing=self.label_smoothing, backend=self.backend)
+        return 0.5 * (infonce_loss(image_features, all_texts, logit_scale, targets, **options)
+                      + infonce_loss(text_features, all_images, logit_scale, targets, **options))
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -115,15 +125,18 @@ class ScaleGradient(torch.autograd.Function):
 
 
 class InfoNCELoss(nn.Module):
-    """Module form of `flashcl.infonce_loss`; forward(queries, keys, scale, targets=None)."""
+    """Module form of `flashcl.infonce_loss`; forward(queries, keys, scale, targets=None).
+    label_smoothing: as `flashcl.infonce_loss`'s (``F.cross_entropy``'s), default 0."""
 
-    def __init__(self, reduction: str = "mean", *, backend: Optional[str] = None):
+    def __init__(self, reduction: str = "mean", *, label_smoothing: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         self.reduction, self.backend = reduction, backend
+        self.label_smoothing = checks.check_label_smoothing(label_smoothing)
 
     def forward(self, queries: Tensor, keys: Tensor, scale: Union[float, Tensor],
                 targets: Optional[Tensor] = None) -> Tensor:
-        return infonce_loss(queries, keys, scale, targets, self.reduction, backend=self.backend)
+        return infonce_loss(queries, keys, scale, targets, self.reduction, label_smoothing=self.label_smoothing,
+                            backend=self.backend)
 
 
 class NTXentLoss(nn.Module):

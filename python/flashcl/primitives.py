@@ -49,10 +49,13 @@ class Backend(Protocol):
     def weighted_grad(self, x: Tensor, y: Tensor, scale: Tensor, *, a: Optional[Tensor],
                           o: Optional[Tensor], b: Optional[Tensor], p: Optional[Tensor],
                           positives: Optional[Tuple[Tensor, Tensor]], exclude_diagonal: bool,
-                          need_dx: bool, need_dy: bool, need_ds: bool, function: str = "exp"
+                          need_dx: bool, need_dy: bool, need_ds: bool, function: str = "exp",
+                          values: Optional[Tuple[Tensor, Tensor]] = None
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
 
-    functions: Tuple[str, ...]  # the weight functions f it computes: "exp", and "sigmoid" with softplus_sums
+    # the weight functions f it computes: "exp", and "sigmoid" with softplus_sums; "values" when
+    # weighted_grad takes values=(vx, vy) (G multiplies them instead of x, y: docs/design.md, "Values")
+    functions: Tuple[str, ...]
 
     def holds_whole(self, x: Tensor, y: Tensor) -> bool: ...  # S as one tile within its memory: a loss may build it
 

@@ -16,6 +16,8 @@ sees them as opaque nodes with fake implementations):
         S = scale * a @ b.T, f = exp (sigmoid=False) or the logistic sigmoid, and the positive
         pairs given by row (positives_by=POSITIVES_BY_ROW: row r's positive is column
         pos_index[r]) or by column (POSITIVES_BY_COLUMN: column c's positive is row pos_index[c]).
+        A family with the "values" capability also takes values= (a tensor of b's rows and its own
+        width Dv): it returns rows of G @ values instead, G still computed from (a, b, scale).
 
 `FusedKernels` turns those into the primitives: dx is the products of (x, y); dy the products
 of (y, x) with the terms swapped; ds = x . (G y); rows go in chunks of whole waves of resident
@@ -48,9 +50,10 @@ def softplus_sums_fake(x, y, scale, bias, exclude_diagonal):
 
 
 def weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by,
-                           exclude_diagonal, row_start, row_end, sigmoid=False):
+                           exclude_diagonal, row_start, row_end, sigmoid=False, values=None):
     """The shape weighted_products returns, for torch.compile's fake tensors."""
-    return a.new_empty(row_end - row_start, a.shape[1], dtype=torch.float32)
+    width = a.shape[1] if values is None else values.shape[1]
+    return a.new_empty(row_end - row_start, width, dtype=torch.float32)
 
 
 def rows_per_chunk(dim: int, wave_rows: Optional[int] = None, rows: Optional[int] = None) -> int:
@@ -85,7 +88,7 @@ class FusedKernels:
 
     def __init__(self, name: str, lse_forward: Callable, weighted_products: Callable,
                  softplus_sums: Optional[Callable] = None, deterministic: Optional[bool] = None,
-                 resident_rows: Optional[Callable[[torch.dtype], int]] = None):
+                 resident_rows: Optional[Callable[[torch.dtype], int]] = None, values: bool = False):
         self.name = name
         # The rows one multiprocessor works on at once (rows per program x resident programs), by input dtype.
         self._resident_rows = resident_rows
@@ -95,6 +98,8 @@ class FusedKernels:
         self.deterministic = resolve_deterministic(deterministic)
         # The sigmoid family needs its forward operator; its products take a flag of the same operator.
         self.functions = ("exp", "sigmoid") if softplus_sums is not None else ("exp",)
+        if values:  # its products take values= (primitive 2's values operands)
+            self.functions = (*self.functions, "values")
 
     def lse(self, x: Tensor, y: Tensor, scale: Tensor, *, rows: bool = True, cols: bool = False,
             exclude_diagonal: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -115,17 +120,18 @@ class FusedKernels:
         return self._softplus_sums(x, y, scale, bias.reshape(1), exclude_diagonal)
 
     def _chunks(self, a: Tensor, b: Tensor, scale: Tensor, row_term, col_term, positives, positives_by,
-                exclude_diagonal, function):
-        """(rows, G[rows] @ b) in fp32, a chunk of rows at a time."""
+                exclude_diagonal, function, values: Optional[Tensor] = None):
+        """(rows, G[rows] @ b) in fp32 (G[rows] @ values with values), a chunk of rows at a time."""
         (w, off), (v, q) = row_term or (None, None), col_term or (None, None)
         index, coeff = positives or (None, None)
-        chunk = rows_per_chunk(a.shape[1], self._wave_rows(a), a.shape[0])
+        extra = {} if values is None else dict(values=values)  # a family without values never sees the argument
+        chunk = rows_per_chunk(a.shape[1] if values is None else values.shape[1], self._wave_rows(a), a.shape[0])
         for start in range(0, a.shape[0], chunk):
             end = min(start + chunk, a.shape[0])
             yield slice(start, end), self._products(
                 a, b, scale, w, off, v, q, index, coeff,
                 positives_by if positives is not None else NO_POSITIVES, exclude_diagonal, start, end,
-                function == "sigmoid")
+                function == "sigmoid", **extra)
 
     def _wave_rows(self, a: Tensor) -> Optional[int]:
         if a.device.type != "cuda" or self._resident_rows is None:
@@ -139,14 +145,20 @@ class FusedKernels:
         positives: Optional[Tuple[Tensor, Tensor]] = None,
         exclude_diagonal: bool = False,
         need_dx: bool = True, need_dy: bool = True, need_ds: bool = False, function: str = "exp",
+        values: Optional[Tuple[Tensor, Tensor]] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         if function not in self.functions:
             raise ValueError(f"the {self.name} kernels have no {function} weight function")
+        if values is not None and "values" not in self.functions:
+            raise ValueError(f"the {self.name} kernels take no values operands")
         # The kernels read these vectors with unit stride. (They keep G within the half-precision
         # range themselves, a row at a time, whatever the weights.)
         row_term = None if a is None else (a.contiguous(), o.contiguous())
         col_term = None if b is None else (b.contiguous(), p.contiguous())
         positives = None if positives is None else (positives[0].contiguous(), positives[1].contiguous())
+        if values is not None:
+            return self._value_products(x, y, scale, row_term, col_term, positives, exclude_diagonal, function,
+                                        values, need_dx, need_dy, need_ds)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else None
         ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
@@ -162,3 +174,27 @@ class FusedKernels:
                                           exclude_diagonal, function):
                 dy[cols] = gtx.mul_(scale)
         return dx, dy, ds
+
+    def _value_products(self, x, y, scale, row_term, col_term, positives, exclude_diagonal, function, values,
+                        need_dx, need_dy, need_ds):
+        """weighted_grad with values = (vx, vy): G vy, G^T vx and sum_ij G_ij (vx_i . vy_j), unscaled, fp32."""
+        vx, vy = values
+        if vx.dtype != x.dtype or vy.dtype != y.dtype:
+            raise ValueError(f"the {self.name} kernels take values of the similarity's dtype, got {vx.dtype} and "
+                             f"{vy.dtype} for {x.dtype} features")
+        vx, vy = vx.contiguous(), vy.contiguous()
+        gy = torch.empty(x.shape[0], vy.shape[1], dtype=torch.float32, device=x.device) if need_dx else None
+        gtx = torch.empty(y.shape[0], vx.shape[1], dtype=torch.float32, device=x.device) if need_dy else None
+        ds = torch.zeros((), dtype=torch.float32, device=x.device) if need_ds else None
+        if need_dx or need_ds:
+            for rows, chunk in self._chunks(x, y, scale, row_term, col_term, positives, POSITIVES_BY_ROW,
+                                            exclude_diagonal, function, vy):
+                if need_ds:
+                    ds += torch.sum(chunk * vx[rows].float())
+                if need_dx:
+                    gy[rows] = chunk
+        if need_dy:
+            for cols, chunk in self._chunks(y, x, scale, col_term, row_term, positives, POSITIVES_BY_COLUMN,
+                                            exclude_diagonal, function, vx):
+                gtx[cols] = chunk
+        return gy, gtx, ds

@@ -127,7 +127,7 @@ class TorchTiles:
     """Primitives 1, 1' and 2 of docs/design.md in chunked PyTorch, for both weight functions."""
 
     name = "torch"
-    functions = tuple(WEIGHT_FUNCTIONS)
+    functions = (*WEIGHT_FUNCTIONS, "values")  # "values": primitive 2's values operands (see weighted_grad)
 
     def __init__(self, tiles: Optional[Tiling] = None):
         self.tiles = tiles or _tiling_scopes[-1]
@@ -229,22 +229,28 @@ class TorchTiles:
         need_dy: bool = True,
         need_ds: bool = False,
         function: str = "exp",
+        values: Optional[Tuple[Tensor, Tensor]] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """dx = s G y, dy = s G^T x, ds = sum_ij G_ij (x_i . y_j), with
         G_ij = a_i f(S_ij - o_i) + b_j f(S_ij - p_j) [+ c_i at j = t_i for positives=(t, c)],
         f = exp or sigmoid (`function`).
+
+        values = (vx, vy) (N x Dv and M x Dv): G, still computed from (x, y, scale), multiplies
+        them instead: G vy, G^T vx and sum_ij G_ij (vx_i . vy_j), unscaled, in the statistics dtype.
         """
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
         s = scale.to(dtype)
+        vx, vy = values if values is not None else (x, y)  # what G multiplies
         kept = self._take_kept(x, y, scale, exclude_diagonal) if function == "exp" else None  # one tile, if any
         block_rows, block_cols = self._tile_grid(x, y)
-        # Unscaled accumulators G @ y and G^T @ x; ds = x . (G y) needs the former.
-        gy = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
-        gtx = torch.zeros(m, y.shape[1], dtype=dtype, device=x.device) if need_dy else None
+        # Unscaled accumulators G @ vy and G^T @ vx; ds = vx . (G vy) needs the former.
+        gy = torch.zeros(n, vy.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
+        gtx = torch.zeros(m, vx.shape[1], dtype=dtype, device=x.device) if need_dy else None
         ds = torch.zeros((), dtype=dtype, device=x.device) if need_ds else None
         for i in _blocks(n, block_rows):
             x_block = x[i].to(dtype)
+            vx_block = x_block if values is None else vx[i].to(dtype)
             if a is not None or b is not None:
                 x_scaled = x_block * s
                 for j in _blocks(m, block_cols):
@@ -254,18 +260,20 @@ class TorchTiles:
                         _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
                     weights = _weights(logits, a, o, b, p, i, j, function)
                     if gy is not None:
-                        gy[i].addmm_(weights, y_block)
+                        gy[i].addmm_(weights, y_block if values is None else vy[j].to(dtype))
                     if gtx is not None:
-                        gtx[j].addmm_(weights.T, x_block)
+                        gtx[j].addmm_(weights.T, vx_block)
             # The sparse positive term and ds, a row block at a time: no N x D temporaries.
             if positives is not None:
                 targets, coeff = positives[0][i], positives[1][i, None].to(dtype)
                 if gy is not None:
-                    gy[i].addcmul_(y[targets].to(dtype), coeff)
+                    gy[i].addcmul_(vy[targets].to(dtype), coeff)
                 if gtx is not None:
-                    gtx.index_add_(0, targets, x_block * coeff)
+                    gtx.index_add_(0, targets, vx_block * coeff)
             if need_ds:
-                ds += torch.sum(gy[i] * x_block)
+                ds += torch.sum(gy[i] * vx_block)
+        if values is not None:
+            return gy if need_dx else None, gtx, ds
         dx = gy.mul_(s).to(x.dtype) if need_dx else None
         dy = gtx.mul_(s).to(y.dtype) if need_dy else None
         return dx, dy, ds

@@ -70,18 +70,18 @@ def weighted_products(
         a: Tensor, b: Tensor, scale: Tensor, row_w: Optional[Tensor], row_off: Optional[Tensor],
         col_w: Optional[Tensor], col_off: Optional[Tensor], pos_index: Optional[Tensor],
         pos_coeff: Optional[Tensor], positives_by: int, exclude_diagonal: bool, row_start: int,
-        row_end: int, sigmoid: bool = False, fixed_config: bool = False) -> Tensor:
+        row_end: int, sigmoid: bool = False, fixed_config: bool = False, values: Optional[Tensor] = None) -> Tensor:
     from flashcl.triton_kernels.weighted_products import weighted_products as launch
 
     return launch(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, fixed_config)
+                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, fixed_config, values)
 
 
 @weighted_products.register_fake
 def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by, exclude_diagonal,
-      row_start, row_end, sigmoid=False, fixed_config=False):
+      row_start, row_end, sigmoid=False, fixed_config=False, values=None):
     return weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                                  positives_by, exclude_diagonal, row_start, row_end, sigmoid)
+                                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, values)
 
 
 def resident_rows(dtype: torch.dtype) -> int:
@@ -99,4 +99,4 @@ def make(deterministic: Optional[bool] = None) -> FusedKernels:
     pinned = dict(fixed_config=deterministic)
     return FusedKernels("triton", functools.partial(lse_forward, **pinned),
                         functools.partial(weighted_products, **pinned),
-                        functools.partial(softplus_sums, **pinned), deterministic, resident_rows)
+                        functools.partial(softplus_sums, **pinned), deterministic, resident_rows, values=True)
