@@ -75,27 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 768])
-    parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point, after one warm-up")
-    parser.add_argument("--cap-gib", type=float, default=16.0, help="memory cap per point")
+    harness.point_arguments(parser, device="auto", repeats=3)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/clip_loss_<device>)")
     args = parser.parse_args()
-    if args.device == "auto":
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    from tqdm import tqdm
 
     settings = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "cap_gib": args.cap_gib}
     results = harness.new_results(__file__, settings, args.device)
-    grid = [(impl, batch, dim) for dim in args.dims for batch in args.batch_sizes for impl in IMPLEMENTATIONS]
-    for impl, batch, dim in tqdm(grid, desc="clip loss points", unit="point"):
-        results["rows"].append(harness.run_point(__file__, {"impl": impl, "batch": batch, "dim": dim},
-                                                 settings=settings, cap_gib=args.cap_gib))
-    path = harness.write_results(args.out or RESULTS / f"clip_loss_{args.device.split(':')[0]}", results, plot)
-    print(tables(results)["clip_loss"])
-    print(f"\nwrote {path} and .png")
+    points = [{"impl": impl, "batch": batch, "dim": dim}
+              for dim in args.dims for batch in args.batch_sizes for impl in IMPLEMENTATIONS]
+    results["rows"] = harness.run_points(__file__, points, settings, cap_gib=args.cap_gib, desc="clip loss points")
+    harness.finish(args.out or RESULTS / f"clip_loss_{args.device.split(':')[0]}", results, tables, plot)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,7 @@ def main():
                 break
         results["rows"].append(row)
     stem = args.out or RESULTS / ("distributed_cpu" if args.loss == "clip" else "distributed_siglip_cpu")
-    path = harness.write_results(stem, results, plot)
-    print("\n\n".join(tables(results).values()))
-    print(f"\nwrote {path} and .png")
+    harness.finish(stem, results, tables, plot)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,7 @@ def main():
     for shape in tqdm(args.shapes, desc="gamma step shapes", unit="shape"):
         batch, dim = (int(v) for v in shape.split(":"))
         results["rows"] += measure(batch, dim, device, args.runs, args.num_samples)
-    path = harness.write_results(args.out or RESULTS / f"gamma_step_{device}", results)
-    print(tables(results)["gamma_step"])
-    print(f"\nwrote {path}")
+    harness.finish(args.out or RESULTS / f"gamma_step_{device}", results, tables)
 
 
 if __name__ == "__main__":

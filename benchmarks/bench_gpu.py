@@ -287,9 +287,7 @@ def main():
     results["triton_configs"] = triton_choices()
 
     device_name = results["provenance"]["machine"]["device"].replace(" ", "_")
-    path = harness.write_results(args.out or RESULTS / f"{args.loss}_loss_{device.type}_{device_name}", results, plot)
-    print(tables(results)[args.loss])
-    print(f"\nwrote {path} and .png")
+    harness.finish(args.out or RESULTS / f"{args.loss}_loss_{device.type}_{device_name}", results, tables, plot)
 
 
 if __name__ == "__main__":

@@ -102,25 +102,17 @@ def main() -> None:
     parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 768])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point, after one warm-up")
-    parser.add_argument("--cap-gib", type=float, default=16.0, help="memory cap per point")
+    harness.point_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "regularizers_cpu")
     args = parser.parse_args()
 
-    from tqdm import tqdm
-
     settings = {"device": args.device, "dtype": "float32", "repeats": args.repeats, "cap_gib": args.cap_gib}
     results = harness.new_results(__file__, settings, args.device)
-    grid = [(name, impl, batch, dim) for name in args.regularizers for dim in args.dims
-            for batch in args.batch_sizes for impl in IMPLEMENTATIONS]
-    for name, impl, batch, dim in tqdm(grid, desc="regularizer points", unit="point"):
-        point = {"regularizer": name, "impl": impl, "batch": batch, "dim": dim}
-        results["rows"].append(harness.run_point(__file__, point, settings=settings, cap_gib=args.cap_gib))
-    path = harness.write_results(args.out, results,
-                                 lambda r, png: faceted_plot(r, png, "regularizer", "CVPR 2023 regularizers"))
-    print(tables(results)["regularizers"])
-    print(f"\nwrote {path} and .png")
+    points = [{"regularizer": name, "impl": impl, "batch": batch, "dim": dim} for name in args.regularizers
+              for dim in args.dims for batch in args.batch_sizes for impl in IMPLEMENTATIONS]
+    results["rows"] = harness.run_points(__file__, points, settings, cap_gib=args.cap_gib, desc="regularizer points")
+    harness.finish(args.out, results, tables,
+                   lambda r, png: faceted_plot(r, png, "regularizer", "CVPR 2023 regularizers"))
 
 
 if __name__ == "__main__":

@@ -90,9 +90,7 @@ def main(argv=None):
     for point in tqdm(args.points, desc="small-batch points", unit="point"):
         batch, dim = map(int, point.split(":"))
         results["rows"] += measure(batch, dim, args.runs if batch < 8192 else min(args.runs, 3))
-    path = harness.write_results(args.out, results)
-    print(tables(results)["small_batch"])
-    print(f"\nwrote {path}")
+    harness.finish(args.out, results, tables)
 
 
 if __name__ == "__main__":

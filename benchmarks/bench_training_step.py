@@ -193,9 +193,7 @@ def main():
         results["rows"].append(row)
         if "error" in row:
             stopped.add(variant)
-    path = harness.write_results(args.out, results, plot)
-    print(tables(results)["training_step"])
-    print(f"\nwrote {path} and .png")
+    harness.finish(args.out, results, tables, plot)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,32 @@ def run_point(script: str | Path, point: dict, *, settings: dict | None = None, 
     return {**point, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def resolve_device(name: str) -> str:
+    """"auto" as cuda when present, else cpu; any other device name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def point_arguments(parser, *, device: str = "cpu", repeats: int = 2, cap_gib: float = 16.0) -> None:
+    """The options every point-per-process benchmark shares: --device, --repeats, --cap-gib."""
+    parser.add_argument("--device", default=device, type=resolve_device,
+                        help="auto (cuda if present, else cpu), cpu, cuda")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per point, after one warm-up")
+    parser.add_argument("--cap-gib", type=float, default=cap_gib, help="memory cap per point (GiB)")
+
+
+def run_points(script: str | Path, points: list[dict], settings: dict, *, cap_gib: float | None = None,
+               desc: str = "points") -> list[dict]:
+    """run_point over `points` in order, with a progress bar; the rows."""
+    from tqdm import tqdm
+
+    return [run_point(script, point, settings=settings, cap_gib=cap_gib)
+            for point in tqdm(points, desc=desc, unit="point")]
+
+
 def serve_worker(measure: Callable[[dict], dict]) -> None:
     """In a process started by run_point: measure the point under the cap, print the row, exit.
     Elsewhere: return at once. Call it first thing under `if __name__ == "__main__":`."""
@@ -319,6 +345,16 @@ def write_results(stem: str | Path, results: dict, plot: Callable[[dict, Path], 
     path.write_text(json.dumps(check_results(results), indent=1) + "\n")
     if plot is not None:
         plot(results, stem.with_suffix(".png"))
+    return path
+
+
+def finish(stem: str | Path, results: dict, tables: Callable[[dict], dict],
+           plot: Callable[[dict, Path], None] | None = None) -> Path:
+    """The end of every benchmark: write the results (and the plot), print every table and where
+    the files went."""
+    path = write_results(stem, results, plot)
+    print("\n\n".join(tables(results).values()))
+    print(f"\nwrote {path}" + (" and .png" if plot is not None else ""))
     return path
 
 

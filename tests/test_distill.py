@@ -11,6 +11,7 @@ import torch
 import flashcl
 import reference
 from conftest import DEVICE, TOLERANCE, backend_params, unit_rows
+from distributed_ranks import RankFailed, run_ranks
 from flashcl import primitives
 from flashcl.backends.torch_tiles import TorchTiles, Tiling
 
@@ -154,8 +155,70 @@ def test_a_backend_without_values_hands_over(monkeypatch, generator):
 
 
 def test_module_options():
-    with pytest.raises(NotImplementedError, match="world_size > 1"):
-        flashcl.DistillClipLoss(rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match=r"^DistillClipLoss\(world_size=2\) needs torch.distributed initialized"):
+        flashcl.DistillClipLoss(rank=0, world_size=2)(*inputs(4, 3, 5, torch.float32, torch.Generator()), 3.0, 2.0)
     with pytest.raises(ValueError, match="use_horovod"):
         flashcl.DistillClipLoss(use_horovod=True)
     flashcl.DistillClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
+
+
+# -- world_size > 1: open_clip's four modes on 2 gloo ranks ----------------------------------------------------
+
+MODES = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def distill_on_ranks(rank, world_size):
+    """Each rank's two values and the gradients of its student features and log scale, of the
+    distillation term alone and of contrastive + 3 distill, for open_clip's and flashcl's module in
+    every (local_loss, gather_with_grad); float64, a teacher of another dimension."""
+    n, d, teacher_dim = 4, 5, 7
+    g = torch.Generator().manual_seed(3)
+    unit = lambda k: torch.nn.functional.normalize(torch.randn(n * world_size, k, generator=g, dtype=torch.float64),
+                                                   dim=1)[rank * n:(rank + 1) * n]
+    image, text, teacher_image, teacher_text = unit(d), unit(d), unit(teacher_dim), unit(teacher_dim)
+    outcomes = {}
+    for mode in MODES:
+        for make in (open_clip_loss.DistillClipLoss, flashcl.DistillClipLoss):
+            loss_fn = make(*mode, rank=rank, world_size=world_size)
+            leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
+                      torch.tensor(2.0, dtype=torch.float64, requires_grad=True)]
+            out = loss_fn(leaves[0], leaves[1], leaves[2].exp(), teacher_image, teacher_text, 4.0, output_dict=True)
+            distill_grads = torch.autograd.grad(out["distill_loss"], leaves, retain_graph=True)
+            total_grads = torch.autograd.grad(out["contrastive_loss"] + 3 * out["distill_loss"], leaves)
+            outcomes[(make.__module__.split(".")[0], *mode)] = (
+                [out["contrastive_loss"].detach(), out["distill_loss"].detach()], distill_grads, total_grads)
+    return outcomes
+
+
+def distributed_errors(results):
+    """{mode: the largest norm-wise relative error of flashcl against open_clip over ranks and quantities}.
+    As for ClipLoss: each rank's values and feature gradients; the log scale's gradient per rank, except
+    with (True, True), where the ranks split the same total differently: its sum over ranks."""
+    errors = {}
+    for mode in MODES:
+        worst = 0.0
+        theirs, ours = ([r[(who, *mode)] for r in results] for who in ("open_clip_loss", "flashcl"))
+        for rank in range(len(results)):
+            values = zip(ours[rank][0], theirs[rank][0])
+            features = [(o[i], t[i]) for k in (1, 2) for o, t in [(ours[rank][k], theirs[rank][k])] for i in (0, 1)]
+            worst = max([worst] + [relative_error(a, b) for a, b in [*values, *features]])
+        for k in (1, 2):
+            scale_grads = [(ours[r][k][2], theirs[r][k][2]) for r in range(len(results))]
+            if mode == (True, True):
+                scale_grads = [(sum(o for o, _ in scale_grads), sum(t for _, t in scale_grads))]
+            worst = max([worst] + [relative_error(a, b) for a, b in scale_grads])
+        errors[mode] = worst
+    return errors
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(open_clip_loss is None, reason="open_clip is not installed")
+@pytest.mark.skipif(not torch.distributed.is_available() or DEVICE.type != "cpu", reason="gloo on CPU processes")
+def test_distributed_modes_match_open_clip():
+    """world_size 2 on gloo, every (local_loss, gather_with_grad): both values on each rank and the
+    gradients of each rank's student features and log scale, against open_clip's DistillClipLoss."""
+    results = run_ranks(2, distill_on_ranks)
+    failed = [r for r in results if isinstance(r, RankFailed)]
+    assert not failed, failed[0].traceback
+    for mode, error in distributed_errors(results).items():
+        assert error <= 1e-10, mode

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import _core, checks
-from .losses import clip_loss
+from .distributed import SINGLE_PROCESS
+from .modules import ClipLoss, global_loss_on_every_rank
 
 
 def clip_distillation_loss(
@@ -57,21 +59,46 @@ def clip_distillation_loss(
     `DistillClipLoss` does); fp32 (fp64 for fp64 inputs). Gradients reach the student's features and scale.
     """
     with _core.Call("clip_distillation_loss", group, backend, function="values") as call:
-        call.features("image_features", image_features, "text_features", text_features, same_rows=True)
-        call.reduction(reduction)
-        logit_scale = call.scale("logit_scale", logit_scale)
-        for name, teacher in (("teacher_image_features", teacher_image_features),
-                              ("teacher_text_features", teacher_text_features)):
-            checks.check_pair("image_features", image_features, name, teacher, same_rows=True, same_dim=False)
-            checks.check_constant(name, teacher)
-        checks.check_pair("teacher_image_features", teacher_image_features,
-                          "teacher_text_features", teacher_text_features, same_rows=True)
-        checks.check_constant("teacher_logit_scale", teacher_logit_scale)
-        teacher_logit_scale = checks.as_scale("teacher_logit_scale", teacher_logit_scale, image_features)
-        call.agree(**{"teacher feature dimension": teacher_image_features.shape[1]})
+        logit_scale, teacher_logit_scale = _register(call, image_features, text_features, logit_scale,
+                                                     teacher_image_features, teacher_text_features,
+                                                     teacher_logit_scale, reduction)
     plan = call.plan(reduction=reduction, symmetric=True)
     return _core.distillation_loss(image_features, text_features, logit_scale, teacher_image_features,
                                    teacher_text_features, teacher_logit_scale, plan)
+
+
+def _register(call, image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+              teacher_logit_scale, reduction):
+    """The checks of a distillation call (inside its `_core.Call`): the student's and teacher's
+    features and scales; returns both scales as tensors."""
+    call.features("image_features", image_features, "text_features", text_features, same_rows=True)
+    call.reduction(reduction)
+    logit_scale = call.scale("logit_scale", logit_scale)
+    for name, teacher in (("teacher_image_features", teacher_image_features),
+                          ("teacher_text_features", teacher_text_features)):
+        checks.check_pair("image_features", image_features, name, teacher, same_rows=True, same_dim=False)
+        checks.check_constant(name, teacher)
+    checks.check_pair("teacher_image_features", teacher_image_features,
+                      "teacher_text_features", teacher_text_features, same_rows=True)
+    checks.check_constant("teacher_logit_scale", teacher_logit_scale)
+    teacher_logit_scale = checks.as_scale("teacher_logit_scale", teacher_logit_scale, image_features)
+    call.agree(**{"teacher feature dimension": teacher_image_features.shape[1]})
+    return logit_scale, teacher_logit_scale
+
+
+def _distillation_rows(queries: Tensor, keys: Tensor, scale: Tensor, teacher_queries: Tensor,
+                       teacher_keys: Tensor, teacher_scale: Tensor, backend) -> Tensor:
+    """One direction against constant keys (every rank's, gathered): per query
+    -sum_j pT_ij log pS_ij = r_i - s q_i . V_i, V_i = sum_j pT_ij k_j a constant (the teacher's softmax
+    over the keys). The gradient reaches the queries and the scale only."""
+    plan = _core.Plan(backend, SINGLE_PROCESS)
+    row_lse = _core.row_logsumexp(queries, keys, scale, plan)
+    queries, keys, teacher_queries, teacher_keys = _core.matmul_inputs(queries, keys, teacher_queries, teacher_keys)
+    with torch.no_grad(), _core.autocast_off(queries.device):
+        teacher_row, _ = backend.lse(teacher_queries, teacher_keys, teacher_scale, rows=True, cols=False)
+        v, _, _ = backend.weighted_grad(teacher_queries, teacher_keys, teacher_scale, a=torch.ones_like(teacher_row),
+                                        o=teacher_row, values=(queries.detach(), keys), need_dx=True, need_dy=False)
+    return row_lse - scale * (queries.to(row_lse.dtype) * v).sum(dim=1)
 
 
 class DistillClipLoss(nn.Module):
@@ -83,32 +110,69 @@ class DistillClipLoss(nn.Module):
     `flashcl.clip_loss`, the distillation term `flashcl.clip_distillation_loss`; the teacher's
     features and scale are constants (detach them, or compute the teacher under torch.no_grad()).
 
-    world_size > 1 is not supported yet (NotImplementedError); cache_labels has nothing to cache;
-    use_horovod is not supported.
+    With world_size > 1 (torch.distributed initialized; `group` defaults to the world group) every rank
+    passes its shard of pairs, student and teacher alike, and gets open_clip's two values and open_clip's
+    gradients of its student features and scale in each (local_loss, gather_with_grad), as
+    `flashcl.ClipLoss` (whose mode mapping computes the contrastive term): (True, True) is
+    ``clip_distillation_loss(..., group=group)``; local_loss=False the global term on every rank (the
+    features' gradients 1/world_size of the exact ones without gather_with_grad); (True, False) each
+    rank's local term differentiated through its own features as anchors only, against every rank's
+    gathered features as constants. The teacher's features are gathered without gradient.
+    cache_labels has nothing to cache; use_horovod is not supported.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, backend: Optional[str] = None):
+                 use_horovod: bool = False, *, backend: Optional[str] = None, group=None):
         super().__init__()
         checks.check_supported(not use_horovod, "use_horovod=True: flashcl.DistillClipLoss runs on "
-                                                "torch.distributed only")
+                                                "torch.distributed only; initialize a torch.distributed process "
+                                                "group and pass world_size and rank")
         checks.check_rank(rank, world_size)
-        if world_size > 1:
-            raise NotImplementedError(
-                "flashcl.DistillClipLoss(world_size > 1) is not implemented yet; across ranks call "
-                "flashcl.clip_loss and flashcl.clip_distillation_loss with group= (open_clip's local_loss=True, "
-                "gather_with_grad=True)")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
-        self.backend = backend
+        self.backend, self.group = backend, group
+        # The contrastive term: ClipLoss's own mapping of open_clip's modes.
+        self.contrastive = ClipLoss(local_loss, gather_with_grad, cache_labels, rank, world_size, backend=backend,
+                                    group=group)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 dist_image_features: Tensor, dist_text_features: Tensor, dist_logit_scale: Union[float, Tensor],
                 output_dict: bool = False) -> Union[Tuple[Tensor, Tensor], Dict[str, Tensor]]:
-        distill_loss = clip_distillation_loss(image_features, text_features, logit_scale, dist_image_features,
-                                              dist_text_features, dist_logit_scale, backend=self.backend)
-        contrastive_loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        teacher = (dist_image_features, dist_text_features, dist_logit_scale)
+        if self.world_size == 1:
+            distill_loss = clip_distillation_loss(image_features, text_features, logit_scale, *teacher,
+                                                  backend=self.backend)
+        else:
+            group = checks.check_process_group("DistillClipLoss", self.rank, self.world_size, self.group)
+            if self.local_loss and not self.gather_with_grad:
+                distill_loss = self._local_loss_own_gradients(image_features, text_features, logit_scale, *teacher,
+                                                              group=group)
+            elif self.local_loss:  # gather_with_grad: world_size times this rank's share, exact gradients
+                distill_loss = clip_distillation_loss(image_features, text_features, logit_scale, *teacher,
+                                                      backend=self.backend, group=group)
+            else:
+                distill_loss = global_loss_on_every_rank(
+                    "DistillClipLoss",
+                    lambda x, y, s: clip_distillation_loss(x, y, s, *teacher, backend=self.backend, group=group),
+                    image_features, text_features, logit_scale, group, self.world_size, self.gather_with_grad)
+        contrastive_loss = self.contrastive(image_features, text_features, logit_scale)
         if output_dict:
             return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
         return contrastive_loss, distill_loss
+
+    def _local_loss_own_gradients(self, image_features, text_features, logit_scale, teacher_image_features,
+                                  teacher_text_features, teacher_logit_scale, *, group):
+        """open_clip's (True, False): this rank's rows in both directions against every rank's gathered
+        features, all constants (its own included): the gradient reaches its features as anchors only."""
+        with _core.Call("DistillClipLoss(local_loss=True, gather_with_grad=False)", group, self.backend,
+                        function="values") as call:
+            scale, teacher_scale = _register(call, image_features, text_features, logit_scale,
+                                             teacher_image_features, teacher_text_features, teacher_logit_scale,
+                                             "mean")
+        gather = call.shards.gather_detached
+        rows = _distillation_rows(image_features, gather(text_features), scale, teacher_image_features,
+                                  gather(teacher_text_features), teacher_scale, call.backend)
+        cols = _distillation_rows(text_features, gather(image_features), scale, teacher_text_features,
+                                  gather(teacher_image_features), teacher_scale, call.backend)
+        return 0.5 * (rows.mean() + cols.mean())

@@ -84,20 +84,11 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _global_loss_on_every_rank(self, image_features, text_features, logit_scale):
-        """open_clip's local_loss=False: the global loss's value on every rank, the full gradient of the
-        logit scale on every rank, and the features' gradient exact (gather_with_grad) or 1/world_size of it."""
         group = self._process_group()
-        if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
-            # Every rank's backward then sums every rank's part of the scale's gradient.
-            logit_scale = sum_over_ranks(logit_scale, group, "ClipLoss") / self.world_size
-        if not self.gather_with_grad:
-            image_features = ScaleGradient.apply(image_features, 1.0 / self.world_size)
-            text_features = ScaleGradient.apply(text_features, 1.0 / self.world_size)
-        share = clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
-                          backend=self.backend, group=group)
-        total = share.detach().clone()
-        collective("ClipLoss", "loss sum", group, lambda: dist.all_reduce(total, group=group))
-        return share + (total / self.world_size - share).detach()  # the value of the global loss
+        return global_loss_on_every_rank(
+            "ClipLoss", lambda x, y, s: clip_loss(x, y, s, label_smoothing=self.label_smoothing, backend=self.backend,
+                                                  group=group),
+            image_features, text_features, logit_scale, group, self.world_size, self.gather_with_grad)
 
     def _local_loss_own_gradients(self, image_features, text_features, logit_scale):
         with _core.Call("ClipLoss(local_loss=True, gather_with_grad=False)", self._process_group(),
@@ -109,6 +100,25 @@ class ClipLoss(nn.Module):
         options = dict(label_smoothing=self.label_smoothing, backend=self.backend)
         return 0.5 * (infonce_loss(image_features, all_texts, logit_scale, targets, **options)
                       + infonce_loss(text_features, all_images, logit_scale, targets, **options))
+
+
+def global_loss_on_every_rank(owner: str, loss, image_features: Tensor, text_features: Tensor, logit_scale,
+                              group, world_size: int, gather_with_grad: bool) -> Tensor:
+    """open_clip's local_loss=False for a loss of (image_features, text_features, logit_scale) whose
+    group= form returns world_size times this rank's share of the global loss (``loss(x, y, s)``, called
+    with the process group bound): the global loss's value on every rank, the full gradient of the logit
+    scale on every rank, and the features' gradient exact (gather_with_grad) or 1/world_size of it
+    (open_clip differentiates only through the rank's own features). Used by ClipLoss and DistillClipLoss."""
+    if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
+        # Every rank's backward then sums every rank's part of the scale's gradient.
+        logit_scale = sum_over_ranks(logit_scale, group, owner) / world_size
+    if not gather_with_grad:
+        image_features = ScaleGradient.apply(image_features, 1.0 / world_size)
+        text_features = ScaleGradient.apply(text_features, 1.0 / world_size)
+    share = loss(image_features, text_features, logit_scale)
+    total = share.detach().clone()
+    collective(owner, "loss sum", group, lambda: dist.all_reduce(total, group=group))
+    return share + (total / world_size - share).detach()  # the value of the global loss
 
 
 class ScaleGradient(torch.autograd.Function):

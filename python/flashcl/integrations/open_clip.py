@@ -20,10 +20,11 @@ flashcl's classes of the same name and constructor, so the script passes its arg
 and the model's outputs (``loss(**model_out, output_dict=True)``) as open_clip's loss takes them. The
 losses and their gradients are open_clip's; no N x N logits exist. ``use_horovod=True`` (``--horovod``)
 is a clear error: flashcl runs on torch.distributed only. ``--distill`` keeps open_clip's
-``DistillClipLoss`` (it needs both models' N x N logits). Calling it again changes nothing;
-``revert_flashcl_patches()`` restores open_clip's classes. The patch replaces names, not the classes'
-code: a loss built before the call stays open_clip's, and code that imported a class by name before
-the call (``from open_clip.loss import ClipLoss`` at the top of a module) keeps open_clip's.
+``DistillClipLoss`` (``flashcl.DistillClipLoss`` is its drop-in, constructed by hand). Calling it
+again changes nothing; ``revert_flashcl_patches()`` restores open_clip's classes. The patch replaces
+names, not the classes' code: a loss built before the call stays open_clip's, and code that imported a
+class by name before the call (``from open_clip.loss import ClipLoss`` at the top of a module) keeps
+open_clip's.
 """
 from __future__ import annotations
 
