@@ -135,12 +135,24 @@ def point_arguments(parser, *, device: str = "cpu", repeats: int = 2, cap_gib: f
 
 
 def run_points(script: str | Path, points: list[dict], settings: dict, *, cap_gib: float | None = None,
-               desc: str = "points") -> list[dict]:
-    """run_point over `points` in order, with a progress bar; the rows."""
+               desc: str = "points", timeout: float | None = None,
+               skip_after_error: Callable[[dict], object] | None = None) -> list[dict]:
+    """run_point over `points` in order, with a progress bar; the rows. With `skip_after_error`
+    (a point -> series key), a series' points after its first error are not run: their rows say so
+    (points of a series in increasing size: a peer that could not run one cannot run the next)."""
     from tqdm import tqdm
 
-    return [run_point(script, point, settings=settings, cap_gib=cap_gib)
-            for point in tqdm(points, desc=desc, unit="point")]
+    rows, failed = [], {}
+    for point in tqdm(points, desc=desc, unit="point"):
+        series = skip_after_error(point) if skip_after_error else None
+        if series is not None and series in failed:
+            rows.append({**point, "error": f"not run ({failed[series]})"})
+            continue
+        row = run_point(script, point, settings=settings, cap_gib=cap_gib, timeout=timeout)
+        if "error" in row and series is not None:
+            failed[series] = f"failed at a smaller size: {row['error']}"
+        rows.append(row)
+    return rows
 
 
 def serve_worker(measure: Callable[[dict], dict]) -> None:

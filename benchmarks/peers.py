@@ -28,3 +28,31 @@ def open_clip_loss_module(required: bool = False):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def sentence_transformer_stub(key: str):
+    """A stand-in for a SentenceTransformer whose encoder returns given embeddings (features[key]), so a
+    sentence-transformers loss runs on the embeddings a benchmark made: the loss alone is measured. It
+    has what the losses check for: a transformers tokenizer, max_seq_length, a device."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    class EmbeddingStub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            vocabulary = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+            self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="[PAD]", unk_token="[UNK]")
+            self.max_seq_length = 128
+
+        def forward(self, features):
+            return {"sentence_embedding": features[key]}
+
+        def __getitem__(self, index):  # model[0]: the first module (checked for StaticEmbedding)
+            return self
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+    return EmbeddingStub()

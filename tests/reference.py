@@ -1,4 +1,6 @@
 """Textbook losses that materialize S, used as the float64 ground truth of every test."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -176,3 +178,29 @@ def clip_distillation(image, text, scale, teacher_image, teacher_text, teacher_s
     cols = -(t.T.softmax(1) * s.T.log_softmax(1)).sum(1)
     per_pair = 0.5 * (rows + cols)
     return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[reduction]()
+
+
+def gist(anchors, positives, guide_anchors, guide_positives, scale, negatives=None, guide_negatives=None,
+         margin=0.0, margin_strategy="absolute", contrast_anchors=True, contrast_positives=True, reduction="mean"):
+    """sentence-transformers' GISTEmbedLoss on given (already normalized, or not) features, materialized:
+    each block's candidates whose guide similarity exceeds the positive's minus the margin set to -inf
+    (the positive itself never), the blocks concatenated, cross-entropy against the positive."""
+    guide_positive = (guide_anchors * guide_positives).sum(1, keepdim=True)
+    threshold = guide_positive - (margin if margin_strategy == "absolute" else guide_positive.abs() * margin)
+
+    def masked(queries, keys, guide_queries, guide_keys, keep=None):
+        left_out = guide_queries @ guide_keys.T > threshold
+        if keep is not None:
+            left_out &= ~keep
+        return logits(queries, keys, scale).masked_fill(left_out, -math.inf)
+
+    own = torch.eye(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    blocks = [masked(anchors, positives, guide_anchors, guide_positives, keep=own)]
+    if contrast_anchors:
+        blocks.append(masked(anchors, anchors, guide_anchors, guide_anchors))
+    if contrast_positives:
+        blocks.append(masked(positives, positives, guide_positives, guide_positives))
+    if negatives is not None:
+        blocks.append(masked(anchors, negatives, guide_anchors, guide_negatives))
+    targets = torch.arange(anchors.shape[0], device=anchors.device)
+    return F.cross_entropy(torch.cat(blocks, 1), targets, reduction=reduction)

@@ -160,6 +160,22 @@ def _teacher(b):
     return torch.cat([b.z, b.private], 1).detach(), torch.cat([b.y, b.z.roll(1, 0)], 1).detach()
 
 
+GIST_MARGIN = 0.5
+
+
+def _guide(b):
+    """A guide's features for the batch's anchors, positives and negatives: one-hot classes (exact in
+    every dtype, so the guide similarity ties nothing by rounding). With GIST_MARGIN, every other
+    same-class candidate is left out; the negatives' classes are the next row's."""
+    classes = torch.nn.functional.one_hot(b.labels, 3).to(b.x.dtype)
+    return classes, classes, classes.roll(1, 0)
+
+
+def _gist_arguments(b):
+    guide_anchors, guide_positives, guide_negatives = _guide(b)
+    return (b.x, b.y, guide_anchors, guide_positives, b.scale, b.z, guide_negatives), {"margin": GIST_MARGIN}
+
+
 REGISTRY = [
     Entry("infonce_loss", lambda b: ((b.x, b.keys, b.scale), {}),
           lambda b, reduction="mean": reference.infonce(b.x, b.keys, b.scale, reduction=reduction),
@@ -220,6 +236,9 @@ REGISTRY = [
           lambda b: reference.clip(b.x, b.y, b.scale) + reference.clip_distillation(b.x, b.y, b.scale, *_teacher(b),
                                                                                     TEACHER_SCALE),
           "image_features", takes_group=False, function="values", output=lambda out: out[0] + out[1]),
+    Entry("gist_loss", _gist_arguments,
+          lambda b, reduction="mean": reference.gist(*_gist_arguments(b)[0], margin=GIST_MARGIN, reduction=reduction),
+          "anchors", REDUCTIONS, function="guide"),
 ]
 REGISTRY_BY_NAME = {entry.name: entry for entry in REGISTRY}
 

@@ -117,6 +117,34 @@ def test_dict_inputs(towers_and_scale):
                      [*parameters(image_tower, text_tower), log_scale], 8)
 
 
+def test_frozen_towers_are_constants_embedded_once(towers_and_scale):
+    """A teacher in frozen=: its embeddings reach loss_fn after the towers', without gradient, from one
+    pass (no replay in backward); the towers' gradients are the plain step's with the teacher's constants."""
+    image_tower, text_tower, log_scale = (towers_and_scale[0].eval(), towers_and_scale[1].eval(), towers_and_scale[2])
+    teacher, calls = Tower(10, embedding=5).eval(), []
+
+    def teach(inputs):
+        calls.append(inputs.shape[0])
+        return teacher(inputs)
+
+    images, texts = torch.randn(23, 10), torch.randn(23, 6)
+    params = [*parameters(image_tower, text_tower), log_scale]
+
+    def loss_fn(image, text, teacher_image):
+        assert not teacher_image.requires_grad
+        return flashcl.clip_distillation_loss(image, text, log_scale.exp(), teacher_image, teacher_image, 3.0)
+
+    flashcl.cached_loss(loss_fn, (image_tower, images), (text_tower, texts), chunk_size=10,
+                        frozen=[(teach, images)]).backward()
+    assert calls == [10, 10, 3]
+    cached = gradients(params)
+    with torch.no_grad():
+        constant = teacher(images)
+    loss_fn(image_tower(images), text_tower(texts), constant).backward()
+    for i, (got, want) in enumerate(zip(cached, gradients(params))):
+        assert_norm_close(got, want, 1e-5, f"parameter {i}")
+
+
 LOSS_KINDS = {  # (towers, loss of the embeddings given the log scale)
     "infonce with extra negatives": (3, lambda ls: lambda q, k, extra: flashcl.infonce_loss(
         q, torch.cat([k, extra]), ls.exp())),

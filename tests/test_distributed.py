@@ -89,6 +89,12 @@ CASES = {
     "clip distillation none": (lambda t, s, g, b: flashcl.clip_distillation_loss(
         t["image"], t["text"], s, torch.cat([t["aug"], t["text"]], 1).detach(),
         torch.cat([t["text"], t["aug"]], 1).detach(), 3.0, "none", backend=b, group=g), "rows"),
+    # Without anchor-anchor contrast (which sentence-transformers keeps per rank) GISTEmbed's loss is the
+    # global batch's. The guide: one-hot classes, margin 1/2 leaves out every other same-class candidate.
+    "gist": (lambda t, s, g, b: flashcl.gist_loss(
+        t["image"], t["text"], *_gist_guide(t["labels"], t["image"].dtype)[:2], s, t["aug"],
+        _gist_guide(t["labels"], t["image"].dtype)[2], margin=0.5, contrast_anchors=False, backend=b, group=g),
+        "share"),
     "supcon, labels": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), t["labels"],
                                                               0.15, backend=b, group=g), "share"),
     "supcon, views only": (lambda t, s, g, b: flashcl.supcon_loss(torch.stack([t["image"], t["aug"]], 1), None,
@@ -97,6 +103,11 @@ CASES = {
                                                                  0.2, contrast_mode="one", reduction="none", backend=b,
                                                                  group=g), "rows"),
 }
+
+
+def _gist_guide(labels, dtype):
+    classes = torch.nn.functional.one_hot(labels, 3).to(dtype)
+    return classes, classes, torch.nn.functional.one_hot((labels + 1) % 3, 3).to(dtype)
 
 
 def evaluate(name, inputs, group, backend, dtype):

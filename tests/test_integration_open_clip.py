@@ -28,7 +28,7 @@ from flashcl.integrations.open_clip import (CoCaLoss, apply_flashcl_to_open_clip
 from test_open_clip import load_open_clip_loss
 
 LOG_SCALE = 2.659  # open_clip's initial logit scale, log(1 / 0.07)
-REPLACED = ("ClipLoss", "SigLipLoss", "CoCaLoss")
+REPLACED = ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss")
 
 
 def relative_error(actual, expected):
@@ -287,15 +287,40 @@ def check_create_loss(open_clip):
     # --horovod: a clear error from the loss, not a silent fallback
     with pytest.raises(ValueError, match="use_horovod=True"):
         open_clip.create_loss(training_args("--horovod"))
-    # --distill keeps open_clip's DistillClipLoss
+    # --distill: flashcl's DistillClipLoss, with the script's arguments, computing open_clip's losses
     distill = training_args("--distill-model", "ViT-B-32", "--distill-pretrained", "openai")
-    assert type(open_clip.create_loss(distill)).__name__ == "DistillClipLoss"
+    assert distill.distill
+    loss = open_clip.create_loss(distill)
+    assert type(loss) is flashcl.DistillClipLoss and factory.DistillClipLoss is flashcl.DistillClipLoss
+    assert (loss.local_loss, loss.gather_with_grad, loss.cache_labels) == (False, False, True)
+    check_distill_values(loss, originals["DistillClipLoss"](cache_labels=True))
 
     restored = revert_flashcl_patches()
     assert restored == patched and patched_names() == [] and revert_flashcl_patches() == []
-    for name, args in cases.items():
-        assert type(open_clip.create_loss(args)) is theirs[name], name
+    for name, args in {**cases, "distill": distill}.items():
+        assert type(open_clip.create_loss(args)) is {**theirs, "distill": originals["DistillClipLoss"]}[name], name
     assert all(getattr(sys.modules["open_clip.loss"], name) is originals[name] for name in REPLACED)
+
+
+def check_distill_values(ours, theirs, n=6, d=8, teacher_d=5):
+    """A DistillClipLoss against open_clip's on random float64 features (the teacher's a constant, of another
+    dimension): both losses and the gradients of the student's features and log scale, within 1e-12."""
+    g = torch.Generator().manual_seed(3)
+    image, text, teacher_image, teacher_text = (
+        torch.nn.functional.normalize(torch.randn(n, width, generator=g, dtype=torch.float64), dim=1)
+        for width in (d, d, teacher_d, teacher_d))
+    results = []
+    for loss_fn in (ours, theirs):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
+                  torch.tensor(LOG_SCALE, dtype=torch.float64, requires_grad=True)]
+        out = loss_fn(leaves[0], leaves[1], leaves[2].exp(), teacher_image, teacher_text, torch.tensor(3.0).double(),
+                      output_dict=True)
+        assert list(out) == ["contrastive_loss", "distill_loss"]
+        results.append(([v.detach() for v in out.values()], torch.autograd.grad(sum(out.values()), leaves)))
+    (our_values, our_grads), (their_values, their_grads) = results
+    for what, a, b in zip(("contrastive", "distill", "image grad", "text grad", "log_scale grad"),
+                          our_values + list(our_grads), their_values + list(their_grads)):
+        assert_relative(a, b, 1e-12, what)
 
 
 def test_create_loss_builds_flashcl_losses_and_reverts(stand_in_open_clip):

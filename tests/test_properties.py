@@ -350,6 +350,31 @@ def distillation_case(draw, entry):
     return dict(features=features, reduction=reduction, **contrastive_terms(draw, features, 2.0), call=call, ref=ref)
 
 
+def gist_case(draw, entry):
+    """Anchors, positives and maybe negatives as CLIP's features; the guide's features have small-integer
+    entries and the margin is a multiple of 1/2, so every guide similarity and threshold is exact in every
+    dtype and a tie is a tie for the loss and its reference alike (kept: the rule is strict)."""
+    n = draw.rows()
+    with_negatives, reduction = draw.data.draw(st.booleans()), draw.reduction(entry)
+    features = [draw.features(n) for _ in range(3 if with_negatives else 2)]
+    guide_dim = draw.data.draw(st.integers(1, 8))
+    guide = [torch.randint(-1, 2, (n, guide_dim), generator=draw.generator, device=DEVICE).to(draw.dtype)
+             for _ in features]
+    options = dict(margin=draw.data.draw(st.sampled_from([-1.0, 0.0, 0.5, 2.0])),
+                   margin_strategy=draw.data.draw(st.sampled_from(["absolute", "relative"])),
+                   contrast_anchors=draw.data.draw(st.booleans()), contrast_positives=draw.data.draw(st.booleans()))
+    loss_fn = entry.loss_fn(**draw.options(entry, reduction))
+
+    def arguments(f, s, guide):
+        negatives = (f[2], guide[2]) if with_negatives else ()
+        return (f[0], f[1], guide[0], guide[1], s, *negatives)
+
+    exact = [g.double() for g in guide]
+    return dict(features=features, reduction=reduction, **contrastive_terms(draw, features, 2.0),
+                call=lambda f, s: loss_fn(*arguments(f, s, guide), **options),
+                ref=lambda f, s: reference.gist(*arguments(f, s, exact), **options, reduction=reduction or "mean"))
+
+
 # Each registered loss's case; a module shares its function's.
 CASES = {"infonce_loss": infonce_case, "InfoNCELoss": infonce_case, "clip_loss": clip_case, "ClipLoss": clip_case,
          "nt_xent_loss": nt_xent_case, "NTXentLoss": nt_xent_case, "gamma_weighted_loss": gamma_case,
@@ -357,7 +382,7 @@ CASES = {"infonce_loss": infonce_case, "InfoNCELoss": infonce_case, "clip_loss":
          "brownian_bridge_loss": bridge_case, "geometric_consistency_loss": geometric_case,
          "feature_separation_loss": separation_case, "ModalityStructureLoss": modality_case,
          "siglip_loss": siglip_case, "SigLipLoss": siglip_case, "supcon_loss": supcon_case, "SupConLoss": supcon_case,
-         "clip_distillation_loss": distillation_case, "DistillClipLoss": distillation_case}
+         "clip_distillation_loss": distillation_case, "DistillClipLoss": distillation_case, "gist_loss": gist_case}
 INTERPRETED = [entry for entry in REGISTRY if entry.takes_backend]
 
 

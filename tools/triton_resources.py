@@ -75,7 +75,10 @@ def cases(dtype_name):
     rows_w, rows_off = torch.rand(n), torch.rand(n)
     cols_w, cols_off = torch.rand(m), torch.rand(m)
     targets, coeff = torch.arange(n) % m, -torch.ones(n)
+    guide_x, guide_y = torch.randn(n, 384, dtype=dtype), torch.randn(m, 384, dtype=dtype)  # a guide of its own width
+    threshold, threshold_y = torch.rand(n), torch.rand(m)
     forward = lse_forward._lse_forward_kernel, lse_forward.lse_configs()
+    guided_forward = lse_forward._lse_forward_kernel, lse_forward.guided_lse_configs()
     sigmoid_forward = softplus_sums._softplus_sums_kernel, softplus_sums.softplus_configs()
     backward = weighted_products._weighted_products_kernel, weighted_products.backward_configs()
 
@@ -83,20 +86,23 @@ def cases(dtype_name):
         args, kwargs = launch
         return args, {**kwargs, "PRECISION": precision}
 
-    def lse(diagonal, merge_columns):
+    def lse(diagonal, merge_columns, guided=False):
+        guide = dict(guide_a=guide_x, guide_b=guide_y, threshold=threshold) if guided else {}
         return with_precision(recorded_launch(lse_forward, lambda: lse_forward.lse_forward(
-            x, y, scale, diagonal, merge_columns)))
+            x, y, scale, diagonal, merge_columns, **guide)))
 
     def sums(diagonal):
         return with_precision(recorded_launch(softplus_sums, lambda: softplus_sums.softplus_sums(
             x, y, scale, torch.tensor([-10.0]), diagonal)))
 
-    def products(row_term, col_term, positives_by, diagonal, sigmoid=False):
+    def products(row_term, col_term, positives_by, diagonal, sigmoid=False, guided=False, by_row=True):
+        guide = dict(guide_a=guide_x, guide_b=guide_y, threshold=threshold if by_row else threshold_y,
+                     threshold_by_row=by_row) if guided else {}
         return with_precision(recorded_launch(weighted_products, lambda: weighted_products.weighted_products(
             x, y, scale, *((rows_w, rows_off) if row_term else (None, None)),
             *((cols_w, cols_off) if col_term else (None, None)),
             *((targets, coeff) if positives_by else (None, None)),
-            positives_by, diagonal, 0, n, sigmoid=sigmoid)))
+            positives_by, diagonal, 0, n, sigmoid=sigmoid, **guide)))
 
     yield "lse_forward", "merged columns (symmetric CLIP)", *forward, lse(False, True)
     yield "lse_forward", "rows only, diagonal excluded (NT-Xent)", *forward, lse(True, False)
@@ -106,6 +112,11 @@ def cases(dtype_name):
     yield "softplus_sums", "softplus and sigmoid sums (SigLIP)", *sigmoid_forward, sums(False)
     yield ("weighted_products", "sigmoid row term, positives by row (SigLIP dx)", *backward,
            products(True, False, 1, False, True))
+    # The guide mask (GISTEmbedLoss): a second product per tile, the guide's, beside S's; both layouts
+    # of the threshold (by row; by column, as the transposed launches take it).
+    yield "lse_forward", "merged columns, guide mask by row", *guided_forward, lse(False, True, guided=True)
+    yield ("weighted_products", "row term, positives by column, guide mask by column (dy)", *backward,
+           products(True, False, 2, False, guided=True, by_row=False))
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:

@@ -45,3 +45,23 @@ def weight_function(z, SIGMOID: tl.constexpr):
         return exp_neg_abs_and_sigmoid(z)[1]
     else:
         return tl.exp(z)
+
+
+@triton.jit
+def guide_leaves_out(ga_ptr, gb_ptr, threshold_ptr, rows, cols, n_rows, n_cols, guide_dim,
+                     stride_gar, stride_gad, stride_gbc, stride_gbd,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, THRESHOLD_BY_ROW: tl.constexpr):
+    """The entries the guide leaves out of a (BLOCK_R, BLOCK_C) tile: T = ga[rows] @ gb[cols].T (fp32,
+    unscaled, the same products as S) strictly above the threshold of the tile's anchor. A launch on
+    (y, x) swaps the guide operands too, and its anchors are then its columns (THRESHOLD_BY_ROW=False).
+    Callers mask with this through tl.where: a left-out entry's weight may be inf."""
+    t = scaled_logit_tile(ga_ptr, gb_ptr, rows, cols, n_rows, n_cols, guide_dim, stride_gar, stride_gad,
+                          stride_gbc, stride_gbd, 1.0, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
+    # Past the last row or column the threshold is +inf: nothing is left out there (the callers mask it anyway).
+    if THRESHOLD_BY_ROW:
+        threshold = tl.load(threshold_ptr + rows, mask=rows < n_rows, other=float("inf"))
+        return t > threshold[:, None]
+    else:
+        threshold = tl.load(threshold_ptr + cols, mask=cols < n_cols, other=float("inf"))
+        return t > threshold[None, :]

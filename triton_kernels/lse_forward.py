@@ -7,20 +7,28 @@ a column block's buffers are guarded by a spin lock, and programs visit the colu
 blocks in a staggered order so they rarely wait on each other. The merge order varies
 run to run; flashcl.backends.fused runs this kernel on (b, a) instead when the column LSE
 must be deterministic (the rows of S.T are the columns of S).
+With HAS_GUIDE the entries a guide's tile T = ga @ gb.T puts strictly above their anchor's
+threshold are left out, as the diagonal is (docs/design.md, "Guide mask"); without it that
+code is not compiled in. The launch on (b, a) takes (gb, ga) and its anchors are its columns
+(THRESHOLD_BY_ROW=False).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._config import MIN_BLOCK, check_row_counts, dot_precision, launch, lse_configs, size_bucket, upcast
-from ._tiles import scaled_logit_tile
+from ._config import (MIN_BLOCK, check_row_counts, dot_precision, guided_lse_configs, launch, lse_configs, size_bucket,
+                      upcast)
+from ._tiles import guide_leaves_out, scaled_logit_tile
 
 
 @triton.jit(do_not_specialize=["rows_bucket", "cols_bucket"])
 def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr, lock_ptr,
                         n_rows, n_cols, dim, stride_ar, stride_ad, stride_bc, stride_bd,
+                        ga_ptr, gb_ptr, threshold_ptr, guide_dim,  # the guide (HAS_GUIDE only)
+                        stride_gar, stride_gad, stride_gbc, stride_gbd,
                         rows_bucket, cols_bucket,  # autotuning keys only
                         EXCLUDE_DIAGONAL: tl.constexpr, MERGE_COLUMNS: tl.constexpr,
+                        HAS_GUIDE: tl.constexpr, THRESHOLD_BY_ROW: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -36,11 +44,15 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_s
             col_block = (step + pid) % n_col_blocks
         cols = tl.arange(0, BLOCK_C) + col_block * BLOCK_C
         col_ok = cols < n_cols
-        s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
-                              stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
         keep = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
+        if HAS_GUIDE:  # before S: then T's mask, not its fp32 accumulator, lives beside S's (fewer registers)
+            keep = keep & ~guide_leaves_out(ga_ptr, gb_ptr, threshold_ptr, rows, cols, n_rows, n_cols, guide_dim,
+                                            stride_gar, stride_gad, stride_gbc, stride_gbd,
+                                            BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION, THRESHOLD_BY_ROW)
+        s = scaled_logit_tile(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_ar, stride_ad,
+                              stride_bc, stride_bd, scale, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
         s = tl.where(keep, s, float("-inf"))
         # Online row LSE; a row whose entries so far are all excluded keeps max -inf, sum 0.
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -72,16 +84,20 @@ def _lse_forward_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_s
     tl.store(row_lse_ptr + rows, row_max + tl.log(row_sum), mask=row_ok)
 
 
-_lse_forward_tuned = triton.autotune(
-    configs=lse_configs(),
-    key=["dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS", "PRECISION"],
-    reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"],
-)(_lse_forward_kernel)
+_TUNING = dict(key=["dim", "guide_dim", "rows_bucket", "cols_bucket", "EXCLUDE_DIAGONAL", "MERGE_COLUMNS",
+                    "HAS_GUIDE", "THRESHOLD_BY_ROW", "PRECISION"],
+               reset_to_zero=["col_max_ptr", "col_sum_ptr", "lock_ptr"])
+_lse_forward_tuned = triton.autotune(configs=lse_configs(), **_TUNING)(_lse_forward_kernel)
+# The same kernel with a guide mask: its configs start with one that needs no spill (_config.guided_lse_configs).
+_lse_forward_guided_tuned = triton.autotune(configs=guided_lse_configs(), **_TUNING)(_lse_forward_kernel)
 
 
-def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False):
+def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False, guide_a=None, guide_b=None,
+                threshold=None, threshold_by_row=True):
     """(row LSE, column LSE or empty) of S = scale * a @ b.T in fp32 (see flashcl.backends.fused).
-    fixed_config launches one config whatever the autotuner would choose (deterministic runs)."""
+    fixed_config launches one config whatever the autotuner would choose (deterministic runs).
+    guide_a, guide_b, threshold (all or none): entry (r, c) is left out where guide_a[r] . guide_b[c]
+    > threshold[r] (threshold[c] if not threshold_by_row); threshold fp32, unit stride."""
     n_rows, n_cols, dim = a.shape[0], b.shape[0], a.shape[1]
     check_row_counts(n_rows, n_cols)
     row_lse = torch.empty(n_rows, dtype=torch.float32, device=a.device)
@@ -91,12 +107,18 @@ def lse_forward(a, b, scale, exclude_diagonal, merge_columns, fixed_config=False
         locks = torch.zeros(triton.cdiv(n_cols, MIN_BLOCK), dtype=torch.int32, device=a.device)
     else:
         col_max = col_sum = locks = row_lse  # stand-ins for pointers MERGE_COLUMNS switches off
+    has_guide = guide_a is not None
+    if not has_guide:  # stand-ins for the arguments HAS_GUIDE switches off: a's and b's, the scale's pointer
+        guide_a, guide_b, threshold, threshold_by_row = a, b, scale, True
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)
-    launch(_lse_forward_tuned, grid,
+    launch(_lse_forward_guided_tuned if has_guide else _lse_forward_tuned, grid,
            (a, b, scale, row_lse, col_max, col_sum, locks, n_rows, n_cols, dim,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), size_bucket(n_rows), size_bucket(n_cols)),
-           dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns,
-                UPCAST=upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            guide_a, guide_b, threshold, guide_a.shape[1],
+            guide_a.stride(0), guide_a.stride(1), guide_b.stride(0), guide_b.stride(1),
+            size_bucket(n_rows), size_bucket(n_cols)),
+           dict(EXCLUDE_DIAGONAL=exclude_diagonal, MERGE_COLUMNS=merge_columns, HAS_GUIDE=has_guide,
+                THRESHOLD_BY_ROW=threshold_by_row, UPCAST=upcast(a.dtype), PRECISION=dot_precision(a.dtype)),
            fixed_config, a.device)
     col_lse = col_max + torch.log(col_sum) if merge_columns else row_lse.new_empty(0)
     return row_lse, col_lse

@@ -5,6 +5,7 @@ from .backends.torch_tiles import tiling
 from .cached import CachedLoss, cached_loss
 from .distill import DistillClipLoss, clip_distillation_loss
 from .gamma import GammaContrastiveLoss
+from .gist import gist_loss
 from .losses import GammaWeightedLoss, clip_loss, gamma_weighted_loss, infonce_loss, nt_xent_loss, row_logsumexp
 from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from .primitives import available_backends
@@ -37,6 +38,7 @@ __all__ = [
     "feature_separation_loss",
     "gamma_weighted_loss",
     "geometric_consistency_loss",
+    "gist_loss",
     "infonce_loss",
     "nt_xent_loss",
     "row_logsumexp",

@@ -403,14 +403,18 @@ def _whole_contrastive_loss(x, y, scale, targets, plan, log_weights) -> Contrast
 class RowLogSumExp(torch.autograd.Function):
     """r_i = log sum_j exp(S_ij) for S = s * x @ y.T; see `row_logsumexp`.
 
-    Backward is primitive 2 with a = dL/dr and o = r: d r_i / d S_ij = exp(S_ij - r_i).
+    Backward is primitive 2 with a = dL/dr and o = r: d r_i / d S_ij = exp(S_ij - r_i). With a guide
+    (guide_x, guide_keys, threshold: constants, the keys already every rank's) both primitives leave
+    out the same entries, so the backward's weights are the forward's softmax.
     """
 
     @staticmethod
-    def forward(ctx, x, y, scale, plan):
+    def forward(ctx, x, y, scale, plan, guide_x=None, guide_keys=None, threshold=None):
         keys = candidates(x, y, plan)
-        row_lse, _ = plan.backend.lse(x, keys, scale, rows=True, cols=False, exclude_diagonal=plan.exclude_diagonal)
-        ctx.save_for_backward(x, y, keys, scale, row_lse)
+        guide = None if guide_x is None else (guide_x, guide_keys, threshold)
+        row_lse, _ = plan.backend.lse(x, keys, scale, rows=True, cols=False, exclude_diagonal=plan.exclude_diagonal,
+                                      **_guided(guide))
+        ctx.save_for_backward(x, y, keys, scale, row_lse, guide_x, guide_keys, threshold)
         ctx.plan, ctx.device = plan, x.device
         return row_lse
 
@@ -418,26 +422,41 @@ class RowLogSumExp(torch.autograd.Function):
     @once_differentiable
     @without_autocast
     def backward(ctx, grad):
-        x, y, keys, scale, row_lse = ctx.saved_tensors
+        x, y, keys, scale, row_lse, guide_x, guide_keys, threshold = ctx.saved_tensors
         plan, self_similarity = ctx.plan, y is None
+        guide = None if guide_x is None else (guide_x, guide_keys, threshold)
         # A row whose every entry is excluded (one sample against itself) has an empty sum: no
         # entry to weight, and -inf - (-inf) must not become a NaN weight of an excluded entry.
         offsets = torch.where(row_lse == -torch.inf, 0.0, row_lse)
         need_keys = ctx.needs_input_grad[0] if self_similarity else ctx.needs_input_grad[1]
         dx, dkeys, ds = plan.backend.weighted_grad(
             x, keys, scale, a=grad.contiguous(), o=offsets, exclude_diagonal=plan.exclude_diagonal,
-            need_dx=ctx.needs_input_grad[0], need_dy=need_keys, need_ds=ctx.needs_input_grad[2])
+            need_dx=ctx.needs_input_grad[0], need_dy=need_keys, need_ds=ctx.needs_input_grad[2], **_guided(guide))
         dy = plan.shards.candidate_grads(dkeys) if need_keys else None
         if self_similarity and dx is not None:
             dx, dy = dx.add_(dy), None
-        return dx, dy, ds, None
+        return dx, dy, ds, None, None, None, None
 
 
-def row_logsumexp(x: Tensor, y: Optional[Tensor], scale: Tensor, plan: Plan) -> Tensor:
-    """The row log-sum-exp of x against every rank's y (y=None: x against itself), differentiable."""
+def _guided(guide) -> dict:
+    """The guide keyword of a primitive call, only when there is one (a backend without guides never sees it)."""
+    return {} if guide is None else {"guide": guide}
+
+
+def row_logsumexp(x: Tensor, y: Optional[Tensor], scale: Tensor, plan: Plan, guide=None) -> Tensor:
+    """The row log-sum-exp of x against every rank's y (y=None: x against itself), differentiable.
+
+    guide = (guide_x, guide_y, threshold), constants (guide_y=None: guide_x against itself): leave out
+    key j of row i where guide_x_i . guide_y_j > threshold_i, guide_y gathered as the keys are.
+    """
     x, y = matmul_inputs(x, y)
+    guide_args = ()
+    if guide is not None:
+        guide_x, guide_y, threshold = guide
+        guide_keys = plan.shards.gather_candidates_detached(guide_x if guide_y is None else guide_y)
+        guide_args = (guide_x.detach().to(x.dtype), guide_keys.to(x.dtype), threshold.detach().to(scale.dtype))
     with autocast_off(x.device):
-        return RowLogSumExp.apply(x, y, scale, plan)
+        return RowLogSumExp.apply(x, y, scale, plan, *guide_args)
 
 
 # -- the sigmoid family --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -174,7 +174,7 @@ def _progress(enabled: bool):
 
 
 def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
-                show_progress_bar: bool = False, trim_padding: bool = True) -> Tensor:
+                show_progress_bar: bool = False, trim_padding: bool = True, frozen: Sequence[Tower] = ()) -> Tensor:
     """loss_fn of every tower's embeddings, with gradient caching: call `.backward()` on the result.
 
     Args:
@@ -196,6 +196,9 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
             that does not. The widths are computed where the masks live and read back in one
             device-to-host transfer per device (a synchronization of an accelerator) before the
             first pass, not one per chunk. Other inputs are never cut.
+        frozen: (encoder, inputs) pairs of models that take no gradient (a guide, a teacher): embedded
+            chunk by chunk without a graph in the first pass (cut as the towers are), passed to
+            loss_fn after the towers' embeddings as constants, and never run again.
 
     Returns the loss; its backward gives the encoders' parameters (and any tensor loss_fn uses,
     e.g. a learnable logit scale) exactly the gradient of the same chunked forward kept whole,
@@ -206,19 +209,27 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
     so DDP reduces once per step. Without grad mode it just computes the loss, chunk by chunk.
     """
     checks.check_positive_int("chunk_size", chunk_size)
+    frozen = list(frozen)
     plans = [(encoder, inputs, [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)])
-             for encoder, inputs, rows in checks.check_towers(towers)]
+             for encoder, inputs, rows in [*checks.check_towers(towers), *checks.check_towers(frozen, "frozen", False)]]
     # Before any encoder call: an encoder may edit its inputs in place (sentence-transformers' Pooling
     # can zero prompt tokens of the mask), and the second pass must cut the chunks as the first did.
     widths = _chunk_widths(plans) if trim_padding else [[None] * len(rows) for _, _, rows in plans]
     progress = _progress(show_progress_bar)
+
+    def embed(t):  # tower t's embeddings, chunk by chunk
+        (encoder, inputs, rows), tower_widths = plans[t], widths[t]
+        return torch.cat([encoder(_chunk(inputs, r, w)) for r, w in zip(rows, tower_widths)])
+
+    trained = len(plans) - len(frozen)
+    with torch.no_grad():
+        constants = [embed(t) for t in range(trained, len(plans))]
     if not torch.is_grad_enabled():  # evaluation: nothing to replay
-        return loss_fn(*[torch.cat([encoder(_chunk(inputs, r, w)) for r, w in zip(rows, tower_widths)])
-                         for (encoder, inputs, rows), tower_widths in zip(plans, widths)])
+        return loss_fn(*[embed(t) for t in range(trained)], *constants)
 
     autocast, chunks, embeddings = _AutocastState(), [], []
     with torch.no_grad():
-        for t, ((encoder, inputs, rows), tower_widths) in enumerate(zip(plans, widths)):
+        for t, ((encoder, inputs, rows), tower_widths) in enumerate(zip(plans[:trained], widths)):
             devices, pieces = _devices(inputs), []
             for r, w in progress(list(zip(rows, tower_widths)), f"cached loss: tower {t}, first pass"):
                 chunks.append(_Chunk(t, encoder, inputs, r, w, _RandomState(devices)))
@@ -229,7 +240,7 @@ def cached_loss(loss_fn: Callable[..., Tensor], *towers: Tower, chunk_size: int,
         last[id(chunk.encoder)] = chunk
     for chunk in last.values():
         chunk.last_of_encoder = True
-    loss = checks.check_scalar_loss(loss_fn(*embeddings))
+    loss = checks.check_scalar_loss(loss_fn(*embeddings, *constants))
     anchor = torch.empty(0, device=loss.device, requires_grad=True)
     return _ReplayChunks.apply(anchor, (loss, embeddings, chunks, autocast, progress))
 

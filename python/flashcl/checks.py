@@ -13,6 +13,7 @@ instead, for debugging. Meta tensors hold no values, and a compiled graph reads 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -156,6 +157,44 @@ def check_constant(name: str, value: Any) -> None:
     if isinstance(value, Tensor) and value.requires_grad:
         raise ValueError(f"{name} requires grad, but the loss takes no gradient through it: pass {name}.detach() "
                          "(or compute it under torch.no_grad())")
+
+
+def check_all_or_none(arguments: dict) -> bool:
+    """Arguments that only make sense together (a guide's features and thresholds): all given, or none.
+    Returns whether they are given."""
+    given = [name for name, value in arguments.items() if value is not None]
+    if given and len(given) != len(arguments):
+        missing = [name for name in arguments if name not in given]
+        raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: pass all of "
+                         f"{', '.join(arguments)}, or none")
+    return bool(given)
+
+
+def check_guide_features(features: dict, guide: dict) -> None:
+    """A guide mask's features (docs/design.md, "Guide mask"): for each of the (name: tensor) features,
+    the guide model's features of the same rows, in the same order, of the guide's own dimension,
+    constants on the features' device."""
+    guide_items = list(guide.items())
+    for (guide_name, guide_features), (name, rows) in zip(guide_items, features.items()):
+        check_pair(guide_items[0][0], guide_items[0][1], guide_name, guide_features)
+        check_constant(guide_name, guide_features)
+        if guide_features.shape[0] != rows.shape[0]:
+            raise ValueError(f"{guide_name} must have a row per row of {name} ({rows.shape[0]}), "
+                             f"got {guide_features.shape[0]}")
+        if guide_features.device != rows.device:
+            raise ValueError(f"{guide_name} is on {guide_features.device} but {name} is on {rows.device}")
+
+
+def check_thresholds(name: str, threshold: Any, rows_name: str, rows: Tensor) -> None:
+    """One floating-point threshold per row of `rows`, a constant on its device."""
+    if not isinstance(threshold, Tensor) or threshold.shape != (rows.shape[0],) or not threshold.is_floating_point():
+        got = f"shape {tuple(threshold.shape)} {threshold.dtype}" if isinstance(threshold, Tensor) else \
+            type(threshold).__name__
+        raise ValueError(f"{name} must be a floating-point tensor of shape ({rows.shape[0]},), one per row of "
+                         f"{rows_name}; got {got}")
+    check_constant(name, threshold)
+    if threshold.device != rows.device:
+        raise ValueError(f"{name} is on {threshold.device} but {rows_name} is on {rows.device}")
 
 
 def check_enough_rows(name: str, features: Tensor, other_name: str, rows: int) -> None:
@@ -319,16 +358,16 @@ def batch_size(name: str, inputs: Any) -> int:
     return rows
 
 
-def check_towers(towers: Iterable) -> list:
+def check_towers(towers: Iterable, name: str = "towers", required: bool = True) -> list:
     """cached_loss's (encoder, inputs) pairs, each with its batch size: [(encoder, inputs, rows)]."""
     checked = []
     for t, tower in enumerate(towers):
         if not (isinstance(tower, (tuple, list)) and len(tower) == 2 and callable(tower[0])):
-            raise TypeError(f"towers[{t}] must be an (encoder, inputs) pair with a callable encoder, "
+            raise TypeError(f"{name}[{t}] must be an (encoder, inputs) pair with a callable encoder, "
                             f"got {type(tower).__name__}")
-        checked.append((tower[0], tower[1], batch_size(f"towers[{t}]", tower[1])))
-    if not checked:
-        raise ValueError("cached_loss needs at least one (encoder, inputs) tower")
+        checked.append((tower[0], tower[1], batch_size(f"{name}[{t}]", tower[1])))
+    if required and not checked:
+        raise ValueError(f"cached_loss needs at least one (encoder, inputs) tower in {name}")
     return checked
 
 
@@ -364,19 +403,38 @@ def check_process_group(owner: str, rank: int, world_size: int, group):
 
 # -- the sentence-transformers drop-ins ----------------------------------------------------------------------
 
-def check_ranking_options(similarity_fct, similarities: Mapping, directions, supported_directions,
-                          hardness_mode, hardness_strength) -> str:
-    """MultipleNegativesRankingLoss's options that flashcl computes; returns the similarity's kind."""
+def check_ranking_options(similarity_fct, similarities: Mapping, scale, directions, valid_directions: Sequence,
+                          partition_mode, partition_modes: Sequence, hardness_mode, hardness_modes: Sequence,
+                          hardness_strength) -> str:
+    """MultipleNegativesRankingLoss's options (sentence-transformers' checks, each error naming its
+    argument), and the similarity flashcl fuses; returns the similarity's kind ("cosine" or "dot")."""
     kind = similarities.get(similarity_fct)
     name = getattr(similarity_fct, "__name__", repr(similarity_fct))
     check_supported(kind is not None, f"similarity_fct={name}: flashcl fuses cosine similarity (util.cos_sim) and "
                     "the dot product (util.dot_score) only; use sentence_transformers' own loss for other similarities")
-    unsupported = [d for d in directions if d not in supported_directions]
-    check_supported(not unsupported, f"directions={tuple(directions)}: flashcl supports {tuple(supported_directions)}, "
-                    f"not {unsupported} (doc_to_doc masks each query's own documents, a block flashcl's kernels do "
-                    "not leave out)")
-    check_supported(hardness_mode is None or not hardness_strength,
-                    f"hardness_mode={hardness_mode!r} is not supported by flashcl's fused loss")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or not scale > 0:
+        raise ValueError(f"scale must be a finite number > 0 (1 / temperature, a Python float as in "
+                         f"sentence-transformers), got {scale!r}")
+    if isinstance(directions, str) or not isinstance(directions, Iterable):
+        raise ValueError(f"directions must be a tuple of directions among {tuple(valid_directions)}, "
+                         f"got {directions!r}")
+    directions = tuple(directions)
+    invalid = [d for d in directions if d not in valid_directions]
+    if not directions or invalid:
+        raise ValueError(f"directions must be a non-empty tuple of directions among {tuple(valid_directions)}, got "
+                         f"{directions!r}" + (f" ({', '.join(map(repr, invalid))} unknown)" if invalid else ""))
+    if valid_directions[0] not in directions:
+        raise ValueError(f"directions must include {valid_directions[0]!r} (it holds the positive pair), got "
+                         f"{directions!r}")
+    check_choice("partition_mode", partition_mode, partition_modes)
+    same_type = [d for d in directions if d in ("query_to_query", "doc_to_doc")]
+    if partition_mode == "per_direction" and same_type:
+        raise ValueError(f"partition_mode='per_direction' cannot be used with directions {', '.join(same_type)}: "
+                         "their candidates never include the positive pair, so a loss per direction is ill-defined "
+                         "(sentence-transformers refuses it too); use partition_mode='joint'")
+    check_choice("hardness_mode", hardness_mode, (None, *hardness_modes))
+    check_number("hardness_strength", hardness_strength, 0.0, low_open=False,
+                 meaning=" (the hardness penalty's alpha; 0 switches it off)")
     return kind
 
 

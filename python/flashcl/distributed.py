@@ -72,6 +72,9 @@ class SingleProcess:
     def gather_detached(self, local: Tensor) -> Tensor:
         return local.detach()
 
+    def gather_candidates_detached(self, keys: Tensor) -> Tensor:
+        return keys.detach()
+
     def column_lse(self, partial: Tensor) -> Tensor:
         return partial
 
@@ -231,6 +234,11 @@ class Shards:
         """Every rank's rows of a (key_sizes[rank], ...) tensor in rank order, as constants."""
         with torch.no_grad():
             return torch.cat(self._all_gather_rows(local.detach(), self.key_sizes, "feature all-gather"))
+
+    def gather_candidates_detached(self, keys: Tensor) -> Tensor:
+        """Every rank's rows of a per-candidate tensor in this rank's candidate order (its own first), as constants."""
+        with torch.no_grad():
+            return self._rank_order(self._all_gather_rows(keys.detach(), self.key_sizes, "guide all-gather"))
 
     def gather_columns(self, values: Tensor) -> Tensor:
         """A per-candidate vector from every rank's local entries, in this rank's candidate order."""

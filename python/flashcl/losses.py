@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from . import _core
-from .checks import check_gamma_pairing, check_label_smoothing, check_log_weights
+from .checks import (check_all_or_none, check_gamma_pairing, check_guide_features, check_label_smoothing,
+                     check_log_weights, check_thresholds)
 
 
 def row_logsumexp(
@@ -21,6 +22,9 @@ def row_logsumexp(
     scale: Union[float, Tensor],
     *,
     exclude_diagonal: bool = False,
+    guide_queries: Optional[Tensor] = None,
+    guide_keys: Optional[Tensor] = None,
+    guide_threshold: Optional[Tensor] = None,
     backend: Optional[str] = None,
     group=None,
 ) -> Tensor:
@@ -29,6 +33,15 @@ def row_logsumexp(
     Args:
         queries: (N, D); keys: (M, D); scale: a float or a 0-d tensor (may require grad).
         exclude_diagonal: leave out j == i (needs N == M), e.g. a sample against its own batch.
+        guide_queries: a guide mask's features of the queries, (N, D'), D' of its own: another model's
+            features of the same rows, a constant. With guide_keys and guide_threshold (all three or
+            none), key j is left out of query i's sum where
+            ``guide_queries[i] @ guide_keys[j] > guide_threshold[i]`` (GISTEmbed's suspected false
+            negatives; see `flashcl.gist_loss`). The guide similarity is computed from the guide
+            features in the queries' dtype, accumulated in fp32 (fp64 for fp64).
+        guide_keys: the guide's features of the keys, (M, D'), a constant; with a group, this rank's
+            rows, gathered as the keys are.
+        guide_threshold: (N,) one threshold per query, a constant.
         backend: as for every flashcl loss.
         group (torch.distributed.ProcessGroup | None): a process group: each rank passes its shard of queries and of
             keys, and gets its queries' log-sum-exp over every rank's keys (exclude_diagonal then
@@ -38,11 +51,19 @@ def row_logsumexp(
     keys and scale exactly, with O(N + M) extra memory. The building block of losses whose
     denominator is not InfoNCE's (a uniformity term, a global log-partition).
     """
-    with _core.Call("row_logsumexp", group, backend) as call:
+    guide = {"guide_queries": guide_queries, "guide_keys": guide_keys, "guide_threshold": guide_threshold}
+    any_guide = any(value is not None for value in guide.values())
+    with _core.Call("row_logsumexp", group, backend, function="guide" if any_guide else "exp") as call:
         call.features("queries", queries, "keys", keys, same_rows=exclude_diagonal)
+        guided = check_all_or_none(guide)
+        if guided:
+            check_guide_features({"queries": queries, "keys": keys},
+                                 {"guide_queries": guide_queries, "guide_keys": guide_keys})
+            check_thresholds("guide_threshold", guide_threshold, "queries", queries)
         scale = call.scale("scale", scale)
-        call.agree(exclude_diagonal=exclude_diagonal)
-    return _core.row_logsumexp(queries, keys, scale, call.plan(exclude_diagonal=exclude_diagonal))
+        call.agree(exclude_diagonal=exclude_diagonal, guided=guided)
+    return _core.row_logsumexp(queries, keys, scale, call.plan(exclude_diagonal=exclude_diagonal),
+                               (guide_queries, guide_keys, guide_threshold) if guided else None)
 
 
 def infonce_loss(

@@ -93,6 +93,18 @@ def _diagonal_of_tile(tile: Tensor, rows: slice, cols: slice) -> Tensor:
     return tile.diagonal(offset=rows.start - cols.start)
 
 
+def _leave_out(logits: Tensor, i: slice, j: slice, exclude_diagonal: bool, guide, dtype) -> Tensor:
+    """The tile with its left-out entries at -inf: the diagonal (exclude_diagonal) and, with
+    guide = (gx, gy, threshold), every (i, j) whose guide similarity gx_i . gy_j exceeds threshold_i."""
+    if exclude_diagonal:
+        _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
+    if guide is not None:
+        guide_x, guide_y, threshold = guide
+        guided = guide_x[i].to(dtype) @ guide_y[j].to(dtype).T
+        logits.masked_fill_(guided > threshold[i, None], -torch.inf)
+    return logits
+
+
 def logsumexp(logits: Tensor, dim: int) -> Tensor:
     """torch.logsumexp, except that an infinite logit gives NaN, not inf: softmax's inf - inf, so
     non-finite input is non-finite exactly where the textbook loss's (and the kernels') is. (A sum of
@@ -127,7 +139,8 @@ class TorchTiles:
     """Primitives 1, 1' and 2 of docs/design.md in chunked PyTorch, for both weight functions."""
 
     name = "torch"
-    functions = (*WEIGHT_FUNCTIONS, "values")  # "values": primitive 2's values operands (see weighted_grad)
+    # "values": primitive 2's values operands (see weighted_grad); "guide": both primitives' guide mask (see lse)
+    functions = (*WEIGHT_FUNCTIONS, "values", "guide")
 
     def __init__(self, tiles: Optional[Tiling] = None):
         self.tiles = tiles or _tiling_scopes[-1]
@@ -172,8 +185,13 @@ class TorchTiles:
         rows: bool = True,
         cols: bool = False,
         exclude_diagonal: bool = False,
+        guide: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """r_i = log sum_j exp(S_ij) and/or c_j = log sum_i exp(S_ij), from one product per tile."""
+        """r_i = log sum_j exp(S_ij) and/or c_j = log sum_i exp(S_ij), from one product per tile.
+
+        guide = (gx, gy, threshold) leaves out every entry whose guide similarity gx_i . gy_j
+        exceeds threshold_i, as exclude_diagonal leaves out the diagonal (docs/design.md, "Guide mask").
+        """
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
         block_rows, block_cols = self._tile_grid(x, y)
@@ -183,10 +201,8 @@ class TorchTiles:
         for i in _blocks(n, block_rows):
             x_scaled = x[i].to(dtype) * s
             for j in _blocks(m, block_cols):
-                logits = x_scaled @ y[j].to(dtype).T
-                if exclude_diagonal:
-                    _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
-                if block_rows >= n and block_cols >= m:
+                logits = _leave_out(x_scaled @ y[j].to(dtype).T, i, j, exclude_diagonal, guide, dtype)
+                if block_rows >= n and block_cols >= m and guide is None:
                     self._keep(x, y, scale, exclude_diagonal, logits)
                 if rows:
                     row_lse[i] = torch.logaddexp(row_lse[i], logsumexp(logits, dim=1))
@@ -230,6 +246,7 @@ class TorchTiles:
         need_ds: bool = False,
         function: str = "exp",
         values: Optional[Tuple[Tensor, Tensor]] = None,
+        guide: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """dx = s G y, dy = s G^T x, ds = sum_ij G_ij (x_i . y_j), with
         G_ij = a_i f(S_ij - o_i) + b_j f(S_ij - p_j) [+ c_i at j = t_i for positives=(t, c)],
@@ -237,12 +254,14 @@ class TorchTiles:
 
         values = (vx, vy) (N x Dv and M x Dv): G, still computed from (x, y, scale), multiplies
         them instead: G vy, G^T vx and sum_ij G_ij (vx_i . vy_j), unscaled, in the statistics dtype.
+        guide = (gx, gy, threshold): the entries `lse` leaves out for it have no exponential term.
         """
         dtype = statistics_dtype(x.dtype)
         n, m = x.shape[0], y.shape[0]
         s = scale.to(dtype)
         vx, vy = values if values is not None else (x, y)  # what G multiplies
         kept = self._take_kept(x, y, scale, exclude_diagonal) if function == "exp" else None  # one tile, if any
+        kept = kept if guide is None else None  # a guided lse keeps no tile: this one is another call's
         block_rows, block_cols = self._tile_grid(x, y)
         # Unscaled accumulators G @ vy and G^T @ vx; ds = vx . (G vy) needs the former.
         gy = torch.zeros(n, vy.shape[1], dtype=dtype, device=x.device) if (need_dx or need_ds) else None
@@ -256,9 +275,8 @@ class TorchTiles:
                 for j in _blocks(m, block_cols):
                     y_block = y[j].to(dtype)
                     logits = kept if kept is not None else x_scaled @ y_block.T
-                    if exclude_diagonal:
-                        _diagonal_of_tile(logits, i, j).fill_(-torch.inf)
-                    weights = _weights(logits, a, o, b, p, i, j, function)
+                    weights = _weights(_leave_out(logits, i, j, exclude_diagonal, guide, dtype), a, o, b, p, i, j,
+                                       function)
                     if gy is not None:
                         gy[i].addmm_(weights, y_block if values is None else vy[j].to(dtype))
                     if gtx is not None:

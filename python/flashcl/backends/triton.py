@@ -39,16 +39,21 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 # kernels they call are imported, and compiled, on first use.
 # fixed_config: launch one config instead of the autotuner's choice, which can differ between
 # processes and with it the summation order (deterministic runs pass it).
+# guide_a, guide_b, threshold, threshold_by_row: the guide mask (all three tensors or none; see
+# backends/fused.py), which changes no shape.
 @torch.library.custom_op("flashcl::triton_lse_forward", mutates_args=())
 def lse_forward(x: Tensor, y: Tensor, scale: Tensor, exclude_diagonal: bool, merge_columns: bool,
-                fixed_config: bool = False) -> Tuple[Tensor, Tensor]:
+                fixed_config: bool = False, guide_a: Optional[Tensor] = None, guide_b: Optional[Tensor] = None,
+                threshold: Optional[Tensor] = None, threshold_by_row: bool = True) -> Tuple[Tensor, Tensor]:
     from flashcl.triton_kernels.lse_forward import lse_forward as launch
 
-    return launch(x, y, scale, exclude_diagonal, merge_columns, fixed_config)
+    return launch(x, y, scale, exclude_diagonal, merge_columns, fixed_config, guide_a, guide_b, threshold,
+                  threshold_by_row)
 
 
 @lse_forward.register_fake
-def _(x, y, scale, exclude_diagonal, merge_columns, fixed_config=False):
+def _(x, y, scale, exclude_diagonal, merge_columns, fixed_config=False, guide_a=None, guide_b=None, threshold=None,
+      threshold_by_row=True):
     return lse_forward_fake(x, y, scale, exclude_diagonal, merge_columns)
 
 
@@ -70,16 +75,20 @@ def weighted_products(
         a: Tensor, b: Tensor, scale: Tensor, row_w: Optional[Tensor], row_off: Optional[Tensor],
         col_w: Optional[Tensor], col_off: Optional[Tensor], pos_index: Optional[Tensor],
         pos_coeff: Optional[Tensor], positives_by: int, exclude_diagonal: bool, row_start: int,
-        row_end: int, sigmoid: bool = False, fixed_config: bool = False, values: Optional[Tensor] = None) -> Tensor:
+        row_end: int, sigmoid: bool = False, fixed_config: bool = False, values: Optional[Tensor] = None,
+        guide_a: Optional[Tensor] = None, guide_b: Optional[Tensor] = None, threshold: Optional[Tensor] = None,
+        threshold_by_row: bool = True) -> Tensor:
     from flashcl.triton_kernels.weighted_products import weighted_products as launch
 
     return launch(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
-                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, fixed_config, values)
+                  positives_by, exclude_diagonal, row_start, row_end, sigmoid, fixed_config, values,
+                  guide_a, guide_b, threshold, threshold_by_row)
 
 
 @weighted_products.register_fake
 def _(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff, positives_by, exclude_diagonal,
-      row_start, row_end, sigmoid=False, fixed_config=False, values=None):
+      row_start, row_end, sigmoid=False, fixed_config=False, values=None, guide_a=None, guide_b=None,
+      threshold=None, threshold_by_row=True):
     return weighted_products_fake(a, b, scale, row_w, row_off, col_w, col_off, pos_index, pos_coeff,
                                   positives_by, exclude_diagonal, row_start, row_end, sigmoid, values)
 
@@ -99,4 +108,5 @@ def make(deterministic: Optional[bool] = None) -> FusedKernels:
     pinned = dict(fixed_config=deterministic)
     return FusedKernels("triton", functools.partial(lse_forward, **pinned),
                         functools.partial(weighted_products, **pinned),
-                        functools.partial(softplus_sums, **pinned), deterministic, resident_rows, values=True)
+                        functools.partial(softplus_sums, **pinned), deterministic, resident_rows, values=True,
+                        guide=True)

@@ -13,18 +13,19 @@ Both look the loss classes up by name when they run: ``create_loss`` in the glob
 `apply_flashcl_to_open_clip` replaces those module attributes (and the package's own exports) with
 flashcl's classes of the same name and constructor, so the script passes its arguments unchanged:
 
-    ClipLoss     flashcl.ClipLoss     local_loss, gather_with_grad, cache_labels, rank, world_size
-    SigLipLoss   flashcl.SigLipLoss   cache_labels, rank, world_size, dist_impl (and newer chunk_size)
-    CoCaLoss     CoCaLoss below       caption_loss_weight, clip_loss_weight, pad_id and ClipLoss's
+    ClipLoss         flashcl.ClipLoss         local_loss, gather_with_grad, cache_labels, rank, world_size
+    SigLipLoss       flashcl.SigLipLoss       cache_labels, rank, world_size, dist_impl (and newer chunk_size)
+    CoCaLoss         CoCaLoss below           caption_loss_weight, clip_loss_weight, pad_id and ClipLoss's
+    DistillClipLoss  flashcl.DistillClipLoss  ClipLoss's (``--distill-model``/``--distill-pretrained``)
 
-and the model's outputs (``loss(**model_out, output_dict=True)``) as open_clip's loss takes them. The
-losses and their gradients are open_clip's; no N x N logits exist. ``use_horovod=True`` (``--horovod``)
-is a clear error: flashcl runs on torch.distributed only. ``--distill`` keeps open_clip's
-``DistillClipLoss`` (``flashcl.DistillClipLoss`` is its drop-in, constructed by hand). Calling it
-again changes nothing; ``revert_flashcl_patches()`` restores open_clip's classes. The patch replaces
-names, not the classes' code: a loss built before the call stays open_clip's, and code that imported a
-class by name before the call (``from open_clip.loss import ClipLoss`` at the top of a module) keeps
-open_clip's.
+and the model's outputs (``loss(**model_out, output_dict=True)``; with ``--distill`` the teacher's
+``dist_image_features``, ``dist_text_features`` and ``dist_logit_scale``, computed under no_grad) as
+open_clip's loss takes them. The losses and their gradients are open_clip's; no N x N logits exist
+(neither the student's nor the teacher's). ``use_horovod=True`` (``--horovod``) is a clear error:
+flashcl runs on torch.distributed only. Calling it again changes nothing; ``revert_flashcl_patches()``
+restores open_clip's classes. The patch replaces names, not the classes' code: a loss built before the
+call stays open_clip's, and code that imported a class by name before the call (``from open_clip.loss
+import ClipLoss`` at the top of a module) keeps open_clip's.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
+from ..distill import DistillClipLoss
 from ..modules import ClipLoss, SigLipLoss
 
 __all__ = ["CoCaLoss", "apply_flashcl_to_open_clip", "patched_names", "revert_flashcl_patches"]
@@ -85,15 +87,17 @@ class CoCaLoss(ClipLoss):
 # Where open_clip's training code looks its loss classes up, by name: the package's exports,
 # open_clip.factory's globals (create_loss) and open_clip.loss (newer versions' tasks import from it).
 MODULES = ("open_clip", "open_clip.factory", "open_clip.loss")
-REPLACEMENTS = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss, "CoCaLoss": CoCaLoss}
+REPLACEMENTS = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss, "CoCaLoss": CoCaLoss,
+                "DistillClipLoss": DistillClipLoss}
 
 _originals: Dict[Tuple[str, str], object] = {}  # (module, name) -> what the name held before the patch
 
 
 def apply_flashcl_to_open_clip() -> List[str]:
-    """Make open_clip's training script build flashcl's losses: open_clip's ``ClipLoss``, ``SigLipLoss``
-    and ``CoCaLoss`` names (in ``open_clip``, ``open_clip.factory`` and ``open_clip.loss``) become
-    `flashcl.ClipLoss`, `flashcl.SigLipLoss` and `CoCaLoss`. Call it before the loss is built, e.g.
+    """Make open_clip's training script build flashcl's losses: open_clip's ``ClipLoss``, ``SigLipLoss``,
+    ``CoCaLoss`` and ``DistillClipLoss`` names (in ``open_clip``, ``open_clip.factory`` and
+    ``open_clip.loss``) become `flashcl.ClipLoss`, `flashcl.SigLipLoss`, `CoCaLoss` and
+    `flashcl.DistillClipLoss`. Call it before the loss is built, e.g.
     first thing in a launcher that then calls ``open_clip_train.main.main(args)``. Idempotent;
     `revert_flashcl_patches` undoes it.
 
