@@ -78,3 +78,18 @@ def test_the_guide_leaves_candidates_out(model, tiny_guide):  # noqa: F811
     everything, _ = both("GISTEmbedLoss", model, tiny_guide, temperature=0.05, margin=10.0)  # all but positives
     assert loss_and_gradients(everything, model, features)[0].item() == 0.0
     assert loss_and_gradients(plain, model, features)[0].item() > 0.1
+
+
+@pytest.mark.parametrize("hardness_mode", ["in_batch_negatives", "all_negatives"])
+def test_ranking_options_match_on_the_pretrained_minilm(minilm, hardness_mode):
+    """MultipleNegativesRankingLoss's newer options on a real pretrained model: hardness weighting and
+    every direction, doc_to_doc included, with a hard-negative column."""
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    from flashcl.integrations import sentence_transformers as ours
+
+    options = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                   hardness_mode=hardness_mode, hardness_strength=5.0)
+    features = columns(minilm, 8, 1)
+    theirs = loss_and_gradients(st_losses.MultipleNegativesRankingLoss(minilm, **options), minilm, features)
+    assert_same(loss_and_gradients(ours.MultipleNegativesRankingLoss(minilm, **options), minilm, features), theirs)

@@ -27,12 +27,17 @@ def rows(tmp_path_factory):
     """A row per (arch, dtype, kernel, flag set), compiled with the config FLASHCL_TRITON_AUTOTUNE=0 pins."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile, do not reuse
-    rows = []
+    # One process per architecture, at once: the compiler is single-threaded, and this is the suite's longest wait.
+    runs = {}
     for arch in ARCHS:
         path = tmp_path_factory.mktemp("report") / f"sm{arch}.json"
-        run = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch), "--first-config",
-                              "--dtype", *DTYPES, "--json", str(path)], env=env, capture_output=True, text=True)
-        assert path.exists(), f"sm_{arch} report not written:\n{run.stdout}\n{run.stderr}"
+        runs[arch] = path, subprocess.Popen([sys.executable, str(SCRIPT), "--arch", str(arch), "--first-config",
+                                             "--dtype", *DTYPES, "--json", str(path)], env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = []
+    for arch, (path, run) in runs.items():
+        stdout, stderr = run.communicate()
+        assert path.exists(), f"sm_{arch} report not written:\n{stdout}\n{stderr}"
         rows += json.loads(path.read_text())["rows"]
     return rows
 
