@@ -397,7 +397,10 @@ def mib(nbytes: float | None) -> str:
 def ratio(numerator: float | None, denominator: float | None, percent: bool = False) -> str:
     if numerator is None or not denominator:
         return "-"
-    return f"{100 * numerator / denominator:.1f}%" if percent else f"{numerator / denominator:.2f}x"
+    value = numerator / denominator
+    if percent:
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"  # two significant digits, never "0.00x"
 
 
 def time_or_error(row: dict, digits: int = 1) -> str:
