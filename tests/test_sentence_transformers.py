@@ -386,7 +386,8 @@ def reachable(name):
             "MultipleNegativesRankingLoss": "multiple_negatives_ranking",
             "MultipleNegativesSymmetricRankingLoss": "multiple_negatives_symmetric_ranking",
             "CachedMultipleNegativesRankingLoss": "cached_multiple_negatives_ranking",
-            "CachedMultipleNegativesSymmetricRankingLoss": "cached_multiple_negatives_symmetric_ranking"}[name])
+            "CachedMultipleNegativesSymmetricRankingLoss": "cached_multiple_negatives_symmetric_ranking",
+            "GISTEmbedLoss": "gist_embed", "CachedGISTEmbedLoss": "cached_gist_embed"}[name])
         old_module = importlib.import_module(f"sentence_transformers.losses.{name}")
         namespace = {}
         exec(f"from sentence_transformers.losses import {name}", namespace)
