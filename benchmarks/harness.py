@@ -69,10 +69,13 @@ def provenance(device: str = "cpu") -> dict:
     else:
         name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                      if line.startswith("model name")), platform.processor() or "cpu")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Dirty means code that differs from the commit: a results file an earlier script of the same run
+    # rewrote (an experiment's builder before its study) is output, not code.
+    status = _git("diff", "--name-only", "HEAD")  # tracked files changed, staged or not
+    changed = None if status is None else [path for path in status.splitlines() if "/results/" not in f"/{path}"]
     return {
         "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(status) if status is not None else None,
+        "dirty": bool(changed) if changed is not None else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"device": name, "device_type": device.split(":")[0], "cpu_threads": torch.get_num_threads(),
                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
