@@ -117,7 +117,7 @@ class Shards:
     def __init__(self, group, call: str, description: Optional[dict], local_error: Optional[BaseException]):
         self.group, self.call = group, call
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self._gathered = None
+        self._gathered = self._gathered_constants = None
         every = self._exchange(description, local_error)
         if local_error is not None:
             return  # the caller re-raises this rank's own error
@@ -237,8 +237,11 @@ class Shards:
 
     def gather_candidates_detached(self, keys: Tensor) -> Tensor:
         """Every rank's rows of a per-candidate tensor in this rank's candidate order (its own first), as constants."""
-        with torch.no_grad():
-            return self._rank_order(self._all_gather_rows(keys.detach(), self.key_sizes, "guide all-gather"))
+        if self._gathered_constants is None or self._gathered_constants[0] is not keys:  # once per call and tensor
+            with torch.no_grad():
+                gathered = self._rank_order(self._all_gather_rows(keys.detach(), self.key_sizes, "guide all-gather"))
+            self._gathered_constants = (keys, gathered)
+        return self._gathered_constants[1]
 
     def gather_columns(self, values: Tensor) -> Tensor:
         """A per-candidate vector from every rank's local entries, in this rank's candidate order."""

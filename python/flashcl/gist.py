@@ -103,14 +103,14 @@ def gist_loss(
     anchors, positives, negatives = _core.matmul_inputs(anchors, positives, negatives)
     guide_anchors, guide_positives, guide_negatives = (
         None if g is None else g.to(anchors.dtype) for g in (guide_anchors, guide_positives, guide_negatives))
-    dtype = scale.dtype
-    guide_positive = (guide_anchors.to(dtype) * guide_positives.to(dtype)).sum(1)
+    pairs = torch.arange(anchors.shape[0], device=anchors.device)
+    guide_positive = _core.positive_logits(guide_anchors, guide_positives, pairs, torch.ones_like(scale))
     threshold = guide_positive - margin * (1.0 if margin_strategy == "absolute" else guide_positive.abs())
 
     def block(queries, keys, plan, guide_queries, guide_keys):
         return _core.row_logsumexp(queries, keys, scale, plan, (guide_queries, guide_keys, threshold))
 
-    positive = scale * (anchors.to(dtype) * positives.to(dtype)).sum(1)
+    positive = _core.positive_logits(anchors, positives, pairs, scale)
     # Against the positives the own positive is never left out: its term joins the others' directly.
     lse = [torch.logaddexp(block(anchors, positives, _core.Plan(plan.backend, plan.shards, exclude_diagonal=True),
                                  guide_anchors, guide_positives), positive)]
